@@ -1,0 +1,309 @@
+"""Soft spectral normalisation as a :mod:`torch.nn.utils.parametrize` parametrization.
+
+The weight a layer sees is
+
+.. math::
+
+    \\tilde W = \\frac{W}{\\max(1, \\hat\\sigma(W) / c)},
+
+where :math:`\\hat\\sigma(W)` is a power-iteration estimate of the operator norm of the
+layer and :math:`c` the Lipschitz coefficient: weights whose norm is already below ``c``
+are left alone (Behrmann et al. 2019, Chen et al. 2019).
+
+Unlike the reference implementations there is no manual ``update_lipschitz`` step:
+the power-iteration vectors live in buffers and are refreshed *inside* the forward pass,
+but only when the weight has changed since the last refresh (an optimizer step, a
+``load_state_dict``, a ``.to()``). Between two optimizer steps the layer is therefore a
+fixed function, in training mode too. Training-mode refreshes run a few warm-started
+iterations; evaluation-mode refreshes iterate until the estimate stops moving.
+
+References:
+    [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
+    [2] Chen et al., *Residual Flows for Invertible Generative Modeling*, NeurIPS 2019.
+        arXiv:1906.02735
+    [3] Miyato et al., *Spectral Normalization for GANs*, ICLR 2018. arXiv:1802.05957
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "SpectralNormScale",
+    "ConvSpectralNormScale",
+    "spectral_norm",
+    "default_power_tolerance",
+    "operator_norm",
+]
+
+
+def default_power_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance on the power-iteration estimate that ``dtype`` can actually meet.
+
+    A tolerance of 1e-7 is never met in float32 and would run every refresh to its cap.
+    """
+    return 1e-5 if torch.finfo(dtype).bits <= 32 else 1e-10
+
+
+def _normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
+    return v / v.norm().clamp_min(eps)
+
+
+class SpectralNormScale(nn.Module):
+    """Parametrization ``W -> W / max(1, sigma(W) / c)`` of a dense weight ``(out, in)``.
+
+    Arguments:
+        weight: the weight being parametrized (used for shapes, device and dtype only).
+        lipschitz: the bound ``c`` on the operator norm, ``0 < c``.
+        n_power_iterations: warm-started iterations per training-mode refresh.
+        max_eval_iterations: cap on iterations for an evaluation-mode refresh.
+        tol: relative tolerance on ``sigma`` (``None``: chosen from the dtype).
+
+    Example:
+        >>> import torch
+        >>> from pyro_invres.nn import spectral_norm
+        >>> layer = spectral_norm(torch.nn.Linear(4, 4), lipschitz=0.5)
+        >>> bool(torch.linalg.matrix_norm(layer.weight, ord=2) <= 0.5 + 1e-4)
+        True
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        lipschitz: float,
+        n_power_iterations: int = 2,
+        max_eval_iterations: int = 200,
+        tol: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not lipschitz > 0:
+            raise ValueError(f"lipschitz must be positive, got {lipschitz}")
+        if n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+        self.lipschitz = float(lipschitz)
+        self.n_power_iterations = int(n_power_iterations)
+        self.max_eval_iterations = int(max_eval_iterations)
+        self.tol = tol
+        u0, v0 = self._init_vectors(weight)
+        self.register_buffer("u", _normalize(u0))
+        self.register_buffer("v", _normalize(v0))
+        # Whether (u, v) were refreshed for the weight as it is now; written into the
+        # state dict so that a reloaded model refreshes exactly when the original would.
+        self.register_buffer("fresh", torch.zeros((), dtype=torch.bool))
+        self._seen: tuple | None = None
+
+    # -- the operator; subclasses change these three for convolutions ------------------
+    def _init_vectors(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(0x5EED)
+        u = torch.randn(weight.shape[0], generator=g, dtype=weight.dtype)
+        v = torch.randn(weight.shape[1], generator=g, dtype=weight.dtype)
+        return u.to(weight.device), v.to(weight.device)
+
+    def _matvec(self, weight: Tensor, v: Tensor) -> Tensor:
+        return weight @ v
+
+    def _rmatvec(self, weight: Tensor, u: Tensor) -> Tensor:
+        return weight.t() @ u
+
+    # -- power iteration -----------------------------------------------------------------
+    @staticmethod
+    def _fingerprint(weight: Tensor) -> tuple:
+        # In-place optimizer updates bump _version; .to() and re-assignment change the
+        # storage. Either means the weight is no longer the one (u, v) were refreshed for.
+        return (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+
+    @torch.no_grad()
+    def refresh(self, weight: Tensor, max_iterations: int | None = None) -> int:
+        """Run warm-started power iteration on ``weight``; return the iterations used.
+
+        Iteration stops once the relative change of ``sigma`` is below the tolerance; the
+        last, converged step is *not* committed, so refreshing an already converged state
+        leaves the buffers bit-for-bit unchanged.
+        """
+        weight = weight.detach()
+        if max_iterations is None:
+            max_iterations = self.n_power_iterations if self.training else self.max_eval_iterations
+        tol = self.tol if self.tol is not None else default_power_tolerance(weight.dtype)
+        u, v = self.u, self.v
+        sigma = torch.dot(u, self._matvec(weight, v))
+        used = 0
+        for _ in range(max_iterations):
+            v_new = _normalize(self._rmatvec(weight, u))
+            u_new = _normalize(self._matvec(weight, v_new))
+            sigma_new = torch.dot(u_new, self._matvec(weight, v_new))
+            used += 1
+            if torch.abs(sigma_new - sigma) <= tol * torch.abs(sigma_new):
+                break
+            u, v, sigma = u_new, v_new, sigma_new
+        self.u.copy_(u)
+        self.v.copy_(v)
+        return used
+
+    def sigma(self, weight: Tensor) -> Tensor:
+        """The current estimate ``u^T W v`` (differentiable in ``weight``)."""
+        return torch.dot(self.u, self._matvec(weight, self.v))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        fingerprint = self._fingerprint(weight)
+        if fingerprint != self._seen:
+            self.refresh(weight)
+            self._seen = self._fingerprint(weight)
+            self.fresh.fill_(True)
+        scale = torch.clamp(self.sigma(weight) / self.lipschitz, min=1.0)
+        return weight / scale
+
+    def mark_state(self, weight: Tensor) -> None:
+        """Reconcile the refresh bookkeeping with a state dict just loaded."""
+        self._seen = self._fingerprint(weight) if bool(self.fresh) else None
+
+    def note_saving(self, weight: Tensor) -> None:
+        """Record in ``fresh`` whether (u, v) match the weight being saved."""
+        self.fresh.fill_(self._fingerprint(weight) == self._seen)
+
+    def extra_repr(self) -> str:
+        return f"lipschitz={self.lipschitz}, n_power_iterations={self.n_power_iterations}"
+
+
+class ConvSpectralNormScale(SpectralNormScale):
+    """The same parametrization for a 2-D convolution, normed as an operator.
+
+    The norm of a ``k x k`` convolution is *not* the norm of its reshaped kernel; power
+    iteration runs on the convolution itself (``conv2d`` and ``conv_transpose2d`` over the
+    input shape), as Residual Flows do.
+
+    Arguments:
+        weight: the kernel ``(out, in, k, k)``.
+        lipschitz: the bound ``c``.
+        input_shape: ``(C, H, W)`` of the layer's input.
+        stride: the convolution's stride.
+        padding: the convolution's padding.
+        **kwargs: passed to :class:`SpectralNormScale`.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        lipschitz: float,
+        input_shape: Sequence[int],
+        stride: int = 1,
+        padding: int = 0,
+        **kwargs: object,
+    ) -> None:
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.stride = int(stride)
+        self.padding = int(padding)
+        super().__init__(weight, lipschitz, **kwargs)  # type: ignore[arg-type]
+
+    def _init_vectors(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(0x5EED)
+        v = torch.randn(self.input_shape, generator=g, dtype=weight.dtype).to(weight.device)
+        with torch.no_grad():
+            out = self._conv(weight, v)
+        self.output_shape = tuple(out.shape)
+        k = weight.shape[-1]
+        # output_padding recovers the exact input size when the stride drops pixels.
+        self.output_padding = tuple(
+            n - ((m - 1) * self.stride - 2 * self.padding + k)
+            for n, m in zip(self.input_shape[1:], self.output_shape[1:])
+        )
+        return torch.randn_like(out).flatten(), v.flatten()
+
+    def _conv(self, weight: Tensor, v: Tensor) -> Tensor:
+        return F.conv2d(v.unsqueeze(0), weight, stride=self.stride, padding=self.padding)[0]
+
+    def _matvec(self, weight: Tensor, v: Tensor) -> Tensor:
+        return self._conv(weight, v.view(self.input_shape)).flatten()
+
+    def _rmatvec(self, weight: Tensor, u: Tensor) -> Tensor:
+        out = F.conv_transpose2d(
+            u.view(1, *self.output_shape),
+            weight,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+        )
+        return out.flatten()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", input_shape={self.input_shape}"
+
+
+def _owner_hooks(module: nn.Module, name: str) -> None:
+    def pre_save(mod: nn.Module, prefix: str, keep_vars: bool) -> None:
+        plist = mod.parametrizations[name]
+        plist[0].note_saving(plist.original)
+
+    def post_load(mod: nn.Module, incompatible: object) -> None:
+        plist = mod.parametrizations[name]
+        plist[0].mark_state(plist.original)
+
+    module.register_state_dict_pre_hook(pre_save)
+    module.register_load_state_dict_post_hook(post_load)
+
+
+def spectral_norm(
+    module: nn.Module,
+    lipschitz: float = 0.9,
+    *,
+    name: str = "weight",
+    input_shape: Sequence[int] | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """Constrain ``module``'s operator norm to at most ``lipschitz`` (in place; returns it).
+
+    Arguments:
+        module: an :class:`~torch.nn.Linear` or :class:`~torch.nn.Conv2d`.
+        lipschitz: the bound ``c`` on the layer's operator norm.
+        name: the parameter to constrain.
+        input_shape: ``(C, H, W)`` of a convolution's input (required for convolutions).
+        **kwargs: ``n_power_iterations``, ``max_eval_iterations``, ``tol``.
+
+    Returns:
+        The same module, with ``module.weight`` now the normalised weight.
+
+    Example:
+        >>> import torch
+        >>> conv = spectral_norm(torch.nn.Conv2d(2, 2, 3, padding=1), 0.7, input_shape=(2, 5, 5))
+        >>> conv(torch.randn(1, 2, 5, 5)).shape
+        torch.Size([1, 2, 5, 5])
+    """
+    weight = getattr(module, name)
+    if isinstance(module, nn.Conv2d):
+        if input_shape is None:
+            raise ValueError("spectral_norm of a Conv2d needs input_shape=(C, H, W)")
+        if module.padding_mode != "zeros" or module.dilation != (1, 1) or module.groups != 1:
+            raise ValueError("spectral_norm supports zero-padded, undilated, ungrouped convs")
+        param = ConvSpectralNormScale(
+            weight,
+            lipschitz,
+            input_shape,
+            stride=module.stride[0],
+            padding=module.padding[0],
+            **kwargs,
+        )
+    elif weight.dim() == 2:
+        param = SpectralNormScale(weight, lipschitz, **kwargs)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"spectral_norm expects a Linear or Conv2d, got {type(module).__name__}")
+    parametrize.register_parametrization(module, name, param)
+    _owner_hooks(module, name)
+    return module
+
+
+def operator_norm(module: nn.Module) -> Tensor:
+    """The spectral norm of a (spectrally normalised) layer's current weight, by SVD.
+
+    For tests and diagnostics; convolutions report their power-iteration estimate.
+    """
+    weight = module.weight
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and isinstance(plist["weight"][0], ConvSpectralNormScale):
+        sn = plist["weight"][0]
+        sn.refresh(weight, max_iterations=2000)
+        return sn.sigma(weight)
+    return torch.linalg.matrix_norm(weight.detach(), ord=2)

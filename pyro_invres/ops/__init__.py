@@ -1,0 +1,37 @@
+"""The maths of invertible residual blocks as small pure functions taking callables."""
+
+from .fixed_point import (
+    SOLVER_METHODS,
+    ConvergenceError,
+    ConvergenceWarning,
+    SolveInfo,
+    default_tolerances,
+    solve_fixed_point,
+)
+from .implicit import residual_inverse
+from .logdet import (
+    logdet_exact,
+    logdet_roulette,
+    logdet_series,
+    make_vjp,
+    roulette_tail_probability,
+    sample_probes,
+    series_truncation_bound,
+)
+
+__all__ = [
+    "SOLVER_METHODS",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "SolveInfo",
+    "default_tolerances",
+    "logdet_exact",
+    "logdet_roulette",
+    "logdet_series",
+    "make_vjp",
+    "residual_inverse",
+    "roulette_tail_probability",
+    "sample_probes",
+    "series_truncation_bound",
+    "solve_fixed_point",
+]

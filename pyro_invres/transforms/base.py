@@ -1,0 +1,205 @@
+"""What every block in :mod:`pyro_invres.transforms` shares.
+
+:class:`InvertibleModule` is a Pyro :class:`~pyro.distributions.TransformModule` over a
+fixed event shape that adds three things to Pyro's contract:
+
+* **Validation at the boundary**: a wrong event shape, a dtype or device that differs
+  from the parameters', and (while Pyro's validation is on) non-finite values raise a
+  ``ValueError`` that names what was expected and what came.
+* **A cache that cannot go stale.** Pyro's identity cache (``cache_size=1``) returns the
+  pair computed for the same tensor object, even after an optimizer step changed the
+  parameters, and then back-propagates through a freed graph (Pyro issue #2292). Here a
+  cached pair also remembers the parameters' versions and whether grad mode was on; it is
+  reused only while both still hold, so sampling-then-scoring skips the inverse while
+  full-batch training on one data tensor just works.
+* **A memo for the log-determinant**, computed at most once per cached pair.
+
+Subclasses implement ``_call``, ``_inverse`` and ``_log_abs_det_jacobian`` and may store
+a value with :meth:`_remember_ladj` while computing the map.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import pyro.distributions as pdist
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor
+from torch.distributions import constraints
+
+__all__ = ["InvertibleModule", "as_event_shape"]
+
+
+def as_event_shape(input_dim: int | Sequence[int]) -> tuple[int, ...]:
+    """Normalise ``input_dim`` (an int or a shape such as ``(C, H, W)``) to a shape tuple."""
+    shape = (int(input_dim),) if isinstance(input_dim, int) else tuple(int(d) for d in input_dim)
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"input_dim must be a positive int or shape, got {input_dim!r}")
+    return shape
+
+
+class InvertibleModule(TransformModule):
+    """Base class: a bijection of ``R^event_shape`` with validation and a safe cache.
+
+    Arguments:
+        event_shape: the shape of one event, ``(D,)`` or ``(C, H, W)``; ``-1`` accepts any
+            size in that position (``ActNorm`` over images of any size).
+        cache_size: 0 or 1, as in Pyro.
+    """
+
+    bijective = True
+
+    def __init__(self, event_shape: Sequence[int], cache_size: int = 1) -> None:
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size}")
+        super().__init__(cache_size=cache_size)
+        shape = tuple(int(d) for d in event_shape)
+        if not shape or any(d < 1 and d != -1 for d in shape):
+            raise ValueError(f"event_shape must hold positive sizes (or -1: any), got {shape}")
+        self.event_shape = shape
+        self._cache_key: tuple | None = None
+        self._ladj_memo: tuple | None = None
+
+    # -- Pyro's contract -------------------------------------------------------------
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, self.event_dim)
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, self.event_dim)
+
+    def with_cache(self, cache_size: int = 1) -> InvertibleModule:
+        if cache_size == self._cache_size:
+            return self
+        raise ValueError(
+            f"{type(self).__name__} keeps cache_size={self._cache_size}; build a new block "
+            "to change it (a copy would not share the parameters' training state)"
+        )
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        self._check_shape(shape, "input")
+        return shape
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        self._check_shape(shape, "input")
+        return shape
+
+    # -- validation ---------------------------------------------------------------------
+    def _check_shape(self, shape: Sequence[int], name: str) -> None:
+        n = self.event_dim
+        trailing = tuple(shape[len(shape) - n :]) if len(shape) >= n else ()
+        if len(trailing) != n or any(e not in (-1, d) for e, d in zip(self.event_shape, trailing)):
+            raise ValueError(
+                f"{type(self).__name__}: expected {name} with event shape {self.event_shape} "
+                f"(trailing dims), got shape {tuple(shape)}"
+            )
+
+    def _reference_tensor(self) -> Tensor | None:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b
+        return None
+
+    def _validate(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: {name} must be a Tensor, got {type(x)}")
+        self._check_shape(x.shape, name)
+        ref = self._reference_tensor()
+        if ref is not None:
+            if x.dtype != ref.dtype:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} has dtype {x.dtype} but the parameters "
+                    f"are {ref.dtype}; call .to({x.dtype}) on the flow or convert the input"
+                )
+            if x.device != ref.device:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} is on {x.device} but the parameters are "
+                    f"on {ref.device}; move the flow with .to(device)"
+                )
+        # a device sync, so only while the user has asked Pyro to validate
+        if pdist.is_validation_enabled() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{type(self).__name__}: {name} has non-finite values (nan or inf)")
+
+    # -- the cache ------------------------------------------------------------------------
+    def _state_key(self) -> tuple:
+        versions = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        return versions, torch.is_grad_enabled()
+
+    def _cache_hit(self, x: Tensor | None, y: Tensor | None) -> bool:
+        x_old, y_old = self._cached_x_y
+        same = (x is not None and x is x_old) or (y is not None and y is y_old)
+        return same and self._cache_key == self._state_key()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._cache_size == 0:
+            self._validate(x, "input")
+            return self._call(x)
+        if self._cache_hit(x, None):
+            return self._cached_x_y[1]
+        self._validate(x, "input")
+        self._ladj_memo = None
+        y = self._call(x)
+        self._cached_x_y = x, y
+        self._cache_key = self._state_key()
+        self._promote_memo(x, y)
+        return y
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        if self._cache_size == 0:
+            self._validate(y, "input of the inverse")
+            return self._inverse(y)
+        if self._cache_hit(None, y):
+            return self._cached_x_y[0]
+        self._validate(y, "input of the inverse")
+        self._ladj_memo = None
+        x = self._inverse(y)
+        self._cached_x_y = x, y
+        self._cache_key = self._state_key()
+        self._promote_memo(x, y)
+        return x
+
+    # -- the log-det memo -------------------------------------------------------------------
+    def _remember_ladj(self, value: object) -> None:
+        """Called by ``_call``/``_inverse`` with what the log-det needs (or the log-det)."""
+        self._pending_memo = value
+
+    def _promote_memo(self, x: Tensor, y: Tensor) -> None:
+        value = getattr(self, "_pending_memo", None)
+        self._pending_memo = None
+        self._ladj_memo = (x, y, self._state_key(), value) if value is not None else None
+
+    def _memo_for(self, x: Tensor, y: Tensor) -> object:
+        memo = self._ladj_memo
+        if memo is not None and memo[0] is x and memo[1] is y and memo[2] == self._state_key():
+            return memo[3]
+        return None
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log |det dy/dx|`` of the forward map, shaped like the batch.
+
+        Computed at most once for the cached pair: a second call returns the same tensor.
+        """
+        memo = self._memo_for(x, y)
+        if isinstance(memo, Tensor):
+            return memo
+        value = self._log_abs_det_jacobian(x, y, memo)
+        if memo is not None:
+            # keep the number, drop whatever graph-building state produced it
+            self._ladj_memo = (*self._ladj_memo[:3], value)  # type: ignore[misc]
+        return value
+
+    @abstractmethod
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
+        """The log-det for the pair; ``memo`` is what ``_remember_ladj`` stored, or None."""
+
+    def __repr__(self) -> str:
+        return torch.nn.Module.__repr__(self)
