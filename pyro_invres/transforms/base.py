@@ -47,18 +47,30 @@ class InvertibleModule(TransformModule):
         event_shape: the shape of one event, ``(D,)`` or ``(C, H, W)``; ``-1`` accepts any
             size in that position (``ActNorm`` over images of any size).
         cache_size: 0 or 1, as in Pyro.
+        output_shape: the event shape of the output when it differs (space-to-depth),
+            same rank as ``event_shape``.
     """
 
     bijective = True
 
-    def __init__(self, event_shape: Sequence[int], cache_size: int = 1) -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        cache_size: int = 1,
+        output_shape: Sequence[int] | None = None,
+    ) -> None:
         if cache_size not in (0, 1):
             raise ValueError(f"cache_size must be 0 or 1, got {cache_size}")
         super().__init__(cache_size=cache_size)
         shape = tuple(int(d) for d in event_shape)
-        if not shape or any(d < 1 and d != -1 for d in shape):
-            raise ValueError(f"event_shape must hold positive sizes (or -1: any), got {shape}")
+        out = shape if output_shape is None else tuple(int(d) for d in output_shape)
+        for s in (shape, out):
+            if not s or any(d < 1 and d != -1 for d in s):
+                raise ValueError(f"event shapes must hold positive sizes (or -1: any), got {s}")
+        if len(out) != len(shape):
+            raise ValueError(f"input and output event shapes differ in rank: {shape} vs {out}")
         self.event_shape = shape
+        self.output_shape = out
         self._cache_key: tuple | None = None
         self._ladj_memo: tuple | None = None
 
@@ -85,19 +97,27 @@ class InvertibleModule(TransformModule):
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         self._check_shape(shape, "input")
-        return shape
+        return self._swap_event(shape, self.output_shape)
 
     def inverse_shape(self, shape: torch.Size) -> torch.Size:
-        self._check_shape(shape, "input")
-        return shape
+        self._check_shape(shape, "input of the inverse", self.output_shape)
+        return self._swap_event(shape, self.event_shape)
+
+    def _swap_event(self, shape: Sequence[int], event: tuple[int, ...]) -> torch.Size:
+        n = self.event_dim
+        tail = [d if e == -1 else e for e, d in zip(event, shape[len(shape) - n :])]
+        return torch.Size([*shape[: len(shape) - n], *tail])
 
     # -- validation ---------------------------------------------------------------------
-    def _check_shape(self, shape: Sequence[int], name: str) -> None:
+    def _check_shape(
+        self, shape: Sequence[int], name: str, expected: tuple[int, ...] | None = None
+    ) -> None:
+        expected = self.event_shape if expected is None else expected
         n = self.event_dim
         trailing = tuple(shape[len(shape) - n :]) if len(shape) >= n else ()
-        if len(trailing) != n or any(e not in (-1, d) for e, d in zip(self.event_shape, trailing)):
+        if len(trailing) != n or any(e not in (-1, d) for e, d in zip(expected, trailing)):
             raise ValueError(
-                f"{type(self).__name__}: expected {name} with event shape {self.event_shape} "
+                f"{type(self).__name__}: expected {name} with event shape {expected} "
                 f"(trailing dims), got shape {tuple(shape)}"
             )
 
@@ -109,10 +129,10 @@ class InvertibleModule(TransformModule):
                 return b
         return None
 
-    def _validate(self, x: Tensor, name: str) -> None:
+    def _validate(self, x: Tensor, name: str, expected: tuple[int, ...] | None = None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: {name} must be a Tensor, got {type(x)}")
-        self._check_shape(x.shape, name)
+        self._check_shape(x.shape, name, expected)
         ref = self._reference_tensor()
         if ref is not None:
             if x.dtype != ref.dtype:
@@ -155,11 +175,11 @@ class InvertibleModule(TransformModule):
 
     def _inv_call(self, y: Tensor) -> Tensor:
         if self._cache_size == 0:
-            self._validate(y, "input of the inverse")
+            self._validate(y, "input of the inverse", self.output_shape)
             return self._inverse(y)
         if self._cache_hit(None, y):
             return self._cached_x_y[0]
-        self._validate(y, "input of the inverse")
+        self._validate(y, "input of the inverse", self.output_shape)
         self._ladj_memo = None
         x = self._inverse(y)
         self._cached_x_y = x, y

@@ -130,7 +130,8 @@ class InvertibleResidual(InvertibleModule):
         >>> import torch, pyro.distributions as dist
         >>> from pyro_invres import iresnet
         >>> block = iresnet(2, [32, 32])
-        >>> flow = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [block])
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> flow = dist.TransformedDistribution(base, [block])
         >>> y = flow.rsample((5,))
         >>> flow.log_prob(y).shape, block.solve_stats.solves   # scored from the cache
         (torch.Size([5]), 0)
