@@ -56,7 +56,7 @@ class ActNorm(InvertibleModule):
         self, num_features: int, event_dim: int = 1, eps: float = 1e-6, cache_size: int = 1
     ) -> None:
         if event_dim not in (1, 2, 3):
-            raise ValueError(f"event_dim must be 1 (vectors) or 3 (images), got {event_dim}")
+            raise ValueError(f"event_dim must be 1 (vectors), 2 or 3 (images), got {event_dim}")
         if int(num_features) < 1:
             raise ValueError(f"num_features must be positive, got {num_features}")
         super().__init__((int(num_features),) + (-1,) * (event_dim - 1), cache_size=cache_size)

@@ -121,30 +121,29 @@ class InvertibleModule(TransformModule):
                 f"(trailing dims), got shape {tuple(shape)}"
             )
 
-    def _reference_tensor(self) -> Tensor | None:
-        for p in self.parameters():
-            return p
-        for b in self.buffers():
-            if b.is_floating_point():
-                return b
-        return None
+    def _reference_tensors(self) -> tuple[Tensor | None, Tensor | None]:
+        """A floating tensor for the dtype check and any tensor for the device check."""
+        floating = next((p for p in self.parameters()), None)
+        if floating is None:
+            floating = next((b for b in self.buffers() if b.is_floating_point()), None)
+        anything = floating if floating is not None else next(self.buffers(), None)
+        return floating, anything
 
     def _validate(self, x: Tensor, name: str, expected: tuple[int, ...] | None = None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__}: {name} must be a Tensor, got {type(x)}")
         self._check_shape(x.shape, name, expected)
-        ref = self._reference_tensor()
-        if ref is not None:
-            if x.dtype != ref.dtype:
-                raise ValueError(
-                    f"{type(self).__name__}: {name} has dtype {x.dtype} but the parameters "
-                    f"are {ref.dtype}; call .to({x.dtype}) on the flow or convert the input"
-                )
-            if x.device != ref.device:
-                raise ValueError(
-                    f"{type(self).__name__}: {name} is on {x.device} but the parameters are "
-                    f"on {ref.device}; move the flow with .to(device)"
-                )
+        floating, anything = self._reference_tensors()
+        if floating is not None and x.dtype != floating.dtype:
+            raise ValueError(
+                f"{type(self).__name__}: {name} has dtype {x.dtype} but the parameters "
+                f"are {floating.dtype}; call .to({x.dtype}) on the flow or convert the input"
+            )
+        if anything is not None and x.device != anything.device:
+            raise ValueError(
+                f"{type(self).__name__}: {name} is on {x.device} but the parameters are "
+                f"on {anything.device}; move the flow with .to(device)"
+            )
         # a device sync, so only while the user has asked Pyro to validate
         if pdist.is_validation_enabled() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{type(self).__name__}: {name} has non-finite values (nan or inf)")
