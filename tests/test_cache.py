@@ -97,3 +97,15 @@ def test_sample_under_no_grad_then_score_with_grad_recomputes():
     lp = d.log_prob(y)  # grad mode changed: the cached graph-less pair is not reused
     lp.sum().backward()
     assert all(p.grad is not None for p in flow.parameters())
+
+
+def test_direct_calls_never_leak_a_memo_into_the_cache():
+    # a bare _inverse (cache bypassed) must not leave a log-det memo that a later cached
+    # call of the other direction would take as its own
+    torch.manual_seed(0)
+    block = iresnet(3, [8], explicit="inverse", logdet="exact").double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    block._inverse(x.clone())
+    y = block(x)
+    reference = -block.residual_logdet(y.detach())
+    assert torch.allclose(block.log_abs_det_jacobian(x, y), reference, atol=1e-12)

@@ -1,6 +1,7 @@
 """Lipschitz-constrained networks for invertible residual blocks."""
 
 from .activations import LipELU, LipSwish, make_activation
+from .lipschitz_cnn import LipschitzCNN
 from .lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from .spectral import (
     ConvSpectralNormScale,
@@ -15,6 +16,7 @@ __all__ = [
     "ConvSpectralNormScale",
     "LipELU",
     "LipSwish",
+    "LipschitzCNN",
     "LipschitzMLP",
     "SpectralNormScale",
     "default_power_tolerance",

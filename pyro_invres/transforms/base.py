@@ -166,6 +166,7 @@ class InvertibleModule(TransformModule):
             return self._cached_x_y[1]
         self._validate(x, "input")
         self._ladj_memo = None
+        self._pending_memo = None  # only what this very call remembers may be promoted
         y = self._call(x)
         self._cached_x_y = x, y
         self._cache_key = self._state_key()
@@ -180,6 +181,7 @@ class InvertibleModule(TransformModule):
             return self._cached_x_y[0]
         self._validate(y, "input of the inverse", self.output_shape)
         self._ladj_memo = None
+        self._pending_memo = None
         x = self._inverse(y)
         self._cached_x_y = x, y
         self._cache_key = self._state_key()

@@ -41,6 +41,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
+from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from ..ops.fixed_point import SOLVER_METHODS, SolveInfo
 from ..ops.implicit import residual_inverse
@@ -343,24 +344,31 @@ def _default_hidden(dim: int) -> list[int]:
 
 
 def iresnet(
-    input_dim: int,
+    input_dim: int | Sequence[int],
     hidden_dims: Sequence[int] | None = None,
     *,
     lipschitz: float = 0.9,
     explicit: str = "forward",
     logdet: str = "auto",
     activation: str = "lipswish",
+    kernel_sizes: Sequence[int] | None = None,
     **kwargs: object,
 ) -> InvertibleResidual:
-    """Build an :class:`InvertibleResidual` block with a :class:`~pyro_invres.nn.LipschitzMLP`.
+    """Build an :class:`InvertibleResidual` block for vectors or images.
+
+    For an int ``input_dim`` the branch is a :class:`~pyro_invres.nn.LipschitzMLP`; for a
+    shape ``(C, H, W)`` it is a :class:`~pyro_invres.nn.LipschitzCNN` whose convolutions
+    are normalised as operators on that shape.
 
     Arguments:
-        input_dim: the dimension ``D`` of the event.
-        hidden_dims: hidden layer sizes (default ``[max(64, 10 D)] * 2``).
+        input_dim: the dimension ``D`` of a vector event, or an image shape ``(C, H, W)``.
+        hidden_dims: hidden layer sizes (vectors: default ``[max(64, 10 D)] * 2``) or hidden
+            channels (images: default ``[32, 32]``).
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` (cheap sampling) or ``"inverse"`` (cheap scoring).
         logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
         activation: ``"lipswish"`` or ``"elu"``.
+        kernel_sizes: images only: one odd kernel size per layer (default 3-1-...-1-3).
         **kwargs: further options of :class:`InvertibleResidual`.
 
     Example:
@@ -369,11 +377,20 @@ def iresnet(
         >>> x = torch.randn(10, 3)
         >>> torch.allclose(block._inverse(block._call(x)), x, atol=1e-4)
         True
+        >>> iresnet((2, 4, 4), [8])(torch.randn(5, 2, 4, 4)).shape
+        torch.Size([5, 2, 4, 4])
     """
-    if not isinstance(input_dim, int):
-        raise ValueError(f"iresnet takes an int input_dim for vectors, got {input_dim!r}")
-    hidden = _default_hidden(input_dim) if hidden_dims is None else list(hidden_dims)
-    net = LipschitzMLP(input_dim, hidden, lipschitz=lipschitz, activation=activation)
+    if isinstance(input_dim, int):
+        if kernel_sizes is not None:
+            raise ValueError("kernel_sizes applies to image blocks, input_dim=(C, H, W)")
+        hidden = _default_hidden(input_dim) if hidden_dims is None else list(hidden_dims)
+        net: nn.Module = LipschitzMLP(input_dim, hidden, lipschitz=lipschitz, activation=activation)
+    else:
+        shape = as_event_shape(input_dim)
+        if len(shape) != 3:
+            raise ValueError(f"input_dim must be an int or (C, H, W), got {input_dim!r}")
+        hidden = [32, 32] if hidden_dims is None else list(hidden_dims)
+        net = LipschitzCNN(shape, hidden, kernel_sizes, lipschitz=lipschitz, activation=activation)
     return InvertibleResidual(
         net, input_dim, lipschitz=lipschitz, explicit=explicit, logdet=logdet, **kwargs
     )
