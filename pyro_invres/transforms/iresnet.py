@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from ..ops.fixed_point import SOLVER_METHODS, SolveInfo
+from ..ops.forward_gradient import logdet_with_forward_gradient
 from ..ops.implicit import residual_inverse
 from ..ops.logdet import (
     PROBES,
@@ -65,6 +67,7 @@ __all__ = [
 
 EXPLICIT = ("forward", "inverse")
 LOGDETS = ("auto", "exact", "series", "roulette")
+GRADIENTS = ("neumann", "backprop", "forward")
 
 
 @dataclass
@@ -120,6 +123,13 @@ class InvertibleResidual(InvertibleModule):
         solver: ``"fixed_point"`` (Banach) or ``"anderson"``.
         strict: raise :class:`~pyro_invres.ops.ConvergenceError` rather than warn when a
             solve does not converge.
+        gradient: how a stochastic log-det is differentiated. ``"neumann"`` (default): the
+            Neumann-series gradient, memory flat in the number of terms; ``"backprop"``:
+            through every term (memory grows with the terms); ``"forward"``: the Neumann
+            gradient computed in the forward pass and its graph freed at once (lowest peak
+            memory); exact when samples carry different upstream weights, through a
+            recomputation. The value is always the estimate itself, never a surrogate.
+            The exact log-det is always back-propagated.
         cache_size: 0 or 1 (Pyro's identity cache).
 
     Cost and cache: the explicit direction is one pass of ``g``; the iterative one is
@@ -160,6 +170,7 @@ class InvertibleResidual(InvertibleModule):
         max_iter: int = 1000,
         solver: str = "fixed_point",
         strict: bool = False,
+        gradient: str = "neumann",
         cache_size: int = 1,
     ) -> None:
         super().__init__(as_event_shape(event_shape), cache_size=cache_size)
@@ -175,6 +186,7 @@ class InvertibleResidual(InvertibleModule):
         self.roulette = _choice("roulette", roulette, ROULETTE_DISTRIBUTIONS)
         self.probe = _choice("probe", probe, PROBES)
         self.solver = _choice("solver", solver, SOLVER_METHODS)
+        self.gradient = _choice("gradient", gradient, GRADIENTS)
         for name, value, low in [
             ("exact_max_dim", exact_max_dim, 0),
             ("n_exact_terms", n_exact_terms, 0),
@@ -248,36 +260,69 @@ class InvertibleResidual(InvertibleModule):
     def residual_logdet(self, z: Tensor, memo: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``log det(I + J_g(z))`` with this block's estimator, shaped like the batch."""
         grad = torch.is_grad_enabled()
+        method = self.logdet_method
+        # one seed per estimate, so a recomputation can replay the same probes and draw
+        seed = int(torch.randint(0, 2**62, ())) if method != "exact" else 0
         with torch.enable_grad():
             if memo is None:
-                zc = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
-                memo = (zc, self.nn(zc))
+                memo = self._graph_at(z)
             zc, gz = memo
-            vjp = make_vjp(zc, gz, create_graph=grad)
-            method = self.logdet_method
-            if method == "exact":
-                value = logdet_exact(vjp, zc, self.event_dim)
-            elif method == "series":
-                value = logdet_series(
-                    vjp,
+            if grad and method != "exact" and self.gradient == "forward" and self._may_store():
+                value = logdet_with_forward_gradient(
+                    partial(self._estimate, method=method, differentiable=True),
                     zc,
-                    self.event_dim,
-                    n_terms=self.n_series_terms,
-                    n_probes=self.n_probes,
-                    probe=self.probe,
+                    gz,
+                    list(self.parameters()),
+                    rebuild=lambda: self._graph_at(z.detach()),
+                    seed=seed,
+                    event_dim=self.event_dim,
                 )
             else:
-                value = logdet_roulette(
-                    vjp,
-                    zc,
-                    self.event_dim,
-                    n_exact_terms=self.n_exact_terms,
-                    distribution=self.roulette,
-                    param=self.roulette_param,
-                    n_probes=self.n_probes,
-                    probe=self.probe,
-                )
+                generator = torch.Generator(device=zc.device).manual_seed(seed)
+                value = self._estimate(zc, gz, generator, method=method, differentiable=grad)
         return value if grad else value.detach()
+
+    def _graph_at(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        zc = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
+        return zc, self.nn(zc)
+
+    def _may_store(self) -> bool:
+        # gradients stored in the forward pass only cover x and the parameters: a context
+        # that itself requires grad (an encoder's output) needs the ordinary backward
+        context = getattr(self.nn, "context", None)
+        return not (isinstance(context, Tensor) and context.requires_grad)
+
+    def _estimate(
+        self,
+        zc: Tensor,
+        gz: Tensor,
+        generator: torch.Generator,
+        *,
+        method: str,
+        differentiable: bool,
+    ) -> Tensor:
+        if method == "exact":
+            return logdet_exact(make_vjp(zc, gz, create_graph=differentiable), zc, self.event_dim)
+        backprop = differentiable and self.gradient == "backprop"
+        vjp = make_vjp(zc, gz, create_graph=backprop)
+        graph_vjp = make_vjp(zc, gz, create_graph=True) if differentiable and not backprop else None
+        options = {
+            "n_probes": self.n_probes,
+            "probe": self.probe,
+            "generator": generator,
+            "graph_vjp": graph_vjp,
+        }
+        if method == "series":
+            return logdet_series(vjp, zc, self.event_dim, n_terms=self.n_series_terms, **options)
+        return logdet_roulette(
+            vjp,
+            zc,
+            self.event_dim,
+            n_exact_terms=self.n_exact_terms,
+            distribution=self.roulette,
+            param=self.roulette_param,
+            **options,
+        )
 
     def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
         if self.explicit == "forward":
