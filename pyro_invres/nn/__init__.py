@@ -1,6 +1,13 @@
-"""Lipschitz-constrained networks for invertible residual blocks."""
+"""Networks for invertible blocks: Lipschitz-constrained branches and coupling conditioners."""
 
 from .activations import LipELU, LipSwish, make_activation
+from .conditioners import (
+    ConditionalConvConditioner,
+    ContextBound,
+    ConvConditioner,
+    default_hidden_dims,
+    make_conditioner,
+)
 from .lipschitz_cnn import LipschitzCNN
 from .lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from .spectral import (
@@ -12,15 +19,20 @@ from .spectral import (
 )
 
 __all__ = [
+    "ConditionalConvConditioner",
     "ConditionalLipschitzMLP",
+    "ContextBound",
+    "ConvConditioner",
     "ConvSpectralNormScale",
     "LipELU",
     "LipSwish",
     "LipschitzCNN",
     "LipschitzMLP",
     "SpectralNormScale",
+    "default_hidden_dims",
     "default_power_tolerance",
     "make_activation",
+    "make_conditioner",
     "operator_norm",
     "spectral_norm",
 ]

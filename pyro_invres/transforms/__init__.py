@@ -2,6 +2,24 @@
 
 from .actnorm import ActNorm, actnorm
 from .base import InvertibleModule
+from .conv1x1 import InvertibleConv1x1, invertible_conv1x1
+from .coupling import (
+    AdditiveCoupling,
+    AffineCoupling,
+    ConditionalAdditiveCoupling,
+    ConditionalAffineCoupling,
+    additive_coupling,
+    affine_coupling,
+    conditional_additive_coupling,
+    conditional_affine_coupling,
+)
+from .downsample import (
+    ChannelPermutation,
+    InvertibleDownsampling,
+    channel_permutation,
+    invertible_downsampling,
+)
+from .inverse import Inverse, inverse
 from .iresnet import (
     ConditionalInvertibleResidual,
     InvertibleResidual,
@@ -9,14 +27,37 @@ from .iresnet import (
     conditional_iresnet,
     iresnet,
 )
+from .revnet import ConditionalRevNetBlock, RevNetBlock, conditional_revnet_block, revnet_block
+from .subset import ChannelSubset
 
 __all__ = [
     "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "ChannelPermutation",
+    "ChannelSubset",
+    "ConditionalAdditiveCoupling",
+    "ConditionalAffineCoupling",
     "ConditionalInvertibleResidual",
+    "ConditionalRevNetBlock",
+    "Inverse",
+    "InvertibleConv1x1",
+    "InvertibleDownsampling",
     "InvertibleModule",
     "InvertibleResidual",
+    "RevNetBlock",
     "SolveStats",
     "actnorm",
+    "additive_coupling",
+    "affine_coupling",
+    "channel_permutation",
+    "conditional_additive_coupling",
+    "conditional_affine_coupling",
     "conditional_iresnet",
+    "conditional_revnet_block",
+    "invertible_conv1x1",
+    "invertible_downsampling",
+    "inverse",
     "iresnet",
+    "revnet_block",
 ]

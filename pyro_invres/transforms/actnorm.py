@@ -71,17 +71,25 @@ class ActNorm(InvertibleModule):
 
     @torch.no_grad()
     def _initialize(self, data: Tensor, data_is_output: bool) -> None:
-        n_batch = data.dim() - self.event_dim
-        samples = math.prod(data.shape[:n_batch])
-        if not self.training or bool(self.initialized) or samples < 2:
+        if not self.training or bool(self.initialized):
             return
+        n_batch = data.dim() - self.event_dim
         # channels first, everything else pooled
         flat = data.movedim(n_batch, 0).reshape(self.num_features, -1)
         stats = torch.stack([flat.sum(1), (flat * flat).sum(1)])
-        count = torch.tensor(float(flat.shape[1]), dtype=data.dtype, device=data.device)
+        samples = torch.tensor(
+            [float(math.prod(data.shape[:n_batch])), float(flat.shape[1])],
+            dtype=data.dtype,
+            device=data.device,
+        )
         if torch_dist.is_available() and torch_dist.is_initialized():
+            # every rank joins the collectives and the decision is taken on the pooled
+            # counts, so a rank with a batch of one cannot desynchronise the others
             torch_dist.all_reduce(stats)
-            torch_dist.all_reduce(count)
+            torch_dist.all_reduce(samples)
+        if samples[0] < 2:
+            return
+        count = samples[1]
         mean = stats[0] / count
         var = (stats[1] / count - mean * mean).clamp_min(0.0)
         std = var.sqrt().clamp_min(self.eps)

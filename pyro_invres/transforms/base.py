@@ -150,8 +150,11 @@ class InvertibleModule(TransformModule):
 
     # -- the cache ------------------------------------------------------------------------
     def _state_key(self) -> tuple:
+        # what makes a cached pair stale: new parameter values, a different grad mode
+        # (a graph-less pair cannot serve a backward), a train/eval switch (evaluation
+        # may refine the spectral norms)
         versions = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        return versions, torch.is_grad_enabled()
+        return versions, torch.is_grad_enabled(), self.training
 
     def _cache_hit(self, x: Tensor | None, y: Tensor | None) -> bool:
         x_old, y_old = self._cached_x_y

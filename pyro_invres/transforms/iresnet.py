@@ -42,6 +42,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
+from ..nn.conditioners import ContextBound
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from ..ops.fixed_point import SOLVER_METHODS, SolveInfo
@@ -336,19 +337,6 @@ class InvertibleResidual(InvertibleModule):
         )
 
 
-class _ContextBound(nn.Module):
-    """``x -> net(x, context)`` for a fixed context, sharing ``net``'s parameters."""
-
-    def __init__(self, net: nn.Module, context: Tensor) -> None:
-        super().__init__()
-        self.net = net
-        self.context = context
-        self.lipschitz = getattr(net, "lipschitz", None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x, context=self.context)
-
-
 class ConditionalInvertibleResidual(ConditionalTransformModule):
     """The conditional twin: ``z -> z + g(z; context)`` with ``Lip_z(g) < 1`` for every context.
 
@@ -375,12 +363,13 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
         super().__init__()
         self.nn = nn
         self.event_shape = as_event_shape(event_shape)
+        kwargs.setdefault("lipschitz", getattr(nn, "lipschitz", None))
         self.options = kwargs
         # build one conditioned block now so bad options fail here, not at first use
-        InvertibleResidual(_ContextBound(nn, torch.zeros(1)), self.event_shape, **kwargs)
+        InvertibleResidual(ContextBound(nn, torch.zeros(1)), self.event_shape, **kwargs)
 
     def condition(self, context: Tensor) -> InvertibleResidual:
-        return InvertibleResidual(_ContextBound(self.nn, context), self.event_shape, **self.options)
+        return InvertibleResidual(ContextBound(self.nn, context), self.event_shape, **self.options)
 
 
 def _default_hidden(dim: int) -> list[int]:

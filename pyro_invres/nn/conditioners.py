@@ -1,0 +1,257 @@
+"""Conditioner networks for coupling and reversible blocks.
+
+A coupling block changes one part of its input with coefficients that a *conditioner*
+computes from the other part; the block never looks inside the network, so any module with
+the right input and output shapes will do. :func:`make_conditioner` builds the default one:
+
+* vectors ``(D,)``: Pyro's :class:`~pyro.nn.DenseNN` (or
+  :class:`~pyro.nn.ConditionalDenseNN`, the context concatenated to the input);
+* images ``(C, H, W)``: :class:`ConvConditioner`, a 3x3 conv, 1x1 convs, a 3x3 conv,
+  padded so that ``H, W`` are kept (or :class:`ConditionalConvConditioner`, the context
+  mapped by a linear layer and added to the first hidden layer at every position).
+
+The last layer of every conditioner starts at zero, so a block built on one starts as the
+identity (Glow's initialisation) and training moves it away from there.
+
+With ``num_outputs=k > 1`` a conditioner returns a tuple of ``k`` tensors, each shaped like
+one output (``(..., out)`` for vectors, ``(..., out, H, W)`` for images); with ``k = 1`` a
+single tensor. A conditional conditioner is called as ``net(x, context=context)``, and the
+context (shape ``(..., context_dim)``) is broadcast to the batch shape of ``x``.
+
+References:
+    [1] Kingma & Dhariwal, *Glow: Generative Flow with Invertible 1x1 Convolutions*,
+        NeurIPS 2018. arXiv:1807.03039
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pyro.nn import ConditionalDenseNN, DenseNN
+from torch import Tensor, nn
+
+__all__ = [
+    "ConditionalConvConditioner",
+    "ContextBound",
+    "ConvConditioner",
+    "default_hidden_dims",
+    "make_conditioner",
+]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {tuple(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def _shape(in_shape: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (int(in_shape),) if isinstance(in_shape, int) else tuple(int(d) for d in in_shape)
+    if len(shape) not in (1, 3) or any(d < 1 for d in shape):
+        raise ValueError(
+            f"in_shape must be a positive int (vectors) or (C, H, W) (images), got {in_shape!r}"
+        )
+    return shape
+
+
+def _positive(name: str, value: int, low: int = 1) -> int:
+    if int(value) != value or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _hidden(hidden_dims: Sequence[int]) -> list[int]:
+    hidden = [int(h) for h in hidden_dims]
+    if not hidden or any(h < 1 for h in hidden):
+        raise ValueError(f"hidden_dims must be a non-empty list of positive sizes, got {hidden}")
+    return hidden
+
+
+def default_hidden_dims(in_shape: int | Sequence[int]) -> list[int]:
+    """Hidden sizes used when a factory gets ``hidden_dims=None``.
+
+    ``[max(64, 10 D)] * 2`` units for vectors (as :func:`~pyro_invres.iresnet`), ``[64, 64]``
+    channels for images.
+
+    Example:
+        >>> default_hidden_dims(3), default_hidden_dims((4, 8, 8))
+        ([64, 64], [64, 64])
+    """
+    shape = _shape(in_shape)
+    width = max(64, 10 * shape[0]) if len(shape) == 1 else 64
+    return [width, width]
+
+
+class ConvConditioner(nn.Module):
+    """A small convolutional network ``(..., C_in, H, W) -> (..., C_out, H, W)``.
+
+    ``3x3 conv -> act -> (1x1 conv -> act) * (L - 1) -> 3x3 conv`` for ``L`` hidden layers
+    (``hidden_dims=[h1, h2]`` gives Glow's 3x3 / 1x1 / 3x3 stack), zero padding so that
+    ``H, W`` are kept, the last convolution initialised to zero.
+
+    Arguments:
+        in_channels: channels of the input.
+        out_channels: channels of each output.
+        hidden_dims: channels of the hidden layers.
+        num_outputs: how many outputs (``k``); the last layer has ``k * out_channels``.
+        activation: ``"relu"`` or ``"elu"``.
+
+    Example:
+        >>> import torch
+        >>> net = ConvConditioner(2, 3, [8, 8], num_outputs=2)
+        >>> s, t = net(torch.randn(5, 2, 4, 4))
+        >>> s.shape, bool(t.abs().max() == 0)
+        (torch.Size([5, 3, 4, 4]), True)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_dims: Sequence[int],
+        num_outputs: int = 1,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.in_channels = _positive("in_channels", in_channels)
+        self.out_channels = _positive("out_channels", out_channels)
+        self.num_outputs = _positive("num_outputs", num_outputs)
+        hidden = _hidden(hidden_dims)
+        self.first = nn.Conv2d(self.in_channels, hidden[0], 3, padding=1)
+        middle: list[nn.Module] = [_activation(activation)]
+        for h_in, h_out in zip(hidden[:-1], hidden[1:]):
+            middle += [nn.Conv2d(h_in, h_out, 1), _activation(activation)]
+        self.middle = nn.Sequential(*middle)
+        self.last = nn.Conv2d(hidden[-1], self.num_outputs * self.out_channels, 3, padding=1)
+        nn.init.zeros_(self.last.weight)
+        nn.init.zeros_(self.last.bias)
+
+    def _run(self, x: Tensor, shift: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
+        batch = x.shape[:-3]
+        h = self.first(x.reshape(-1, *x.shape[-3:]))
+        if shift is not None:
+            h = h + shift.reshape(-1, shift.shape[-1], 1, 1)
+        out = self.last(self.middle(h))
+        out = out.reshape(*batch, *out.shape[1:])
+        if self.num_outputs == 1:
+            return out
+        return tuple(out.split(self.out_channels, dim=-3))
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return self._run(x)
+
+
+class ConditionalConvConditioner(ConvConditioner):
+    """:class:`ConvConditioner` whose first hidden layer also sees a context vector.
+
+    .. math::
+
+        h_1 = \\mathrm{conv}_{3\\times 3}(x) + W c + b \\quad \\text{(at every position)}
+
+    Arguments:
+        in_channels: channels of the input.
+        context_dim: the dimension of the context ``c``.
+        out_channels: channels of each output.
+        hidden_dims: channels of the hidden layers.
+        num_outputs: how many outputs.
+        activation: ``"relu"`` or ``"elu"``.
+
+    Example:
+        >>> import torch
+        >>> net = ConditionalConvConditioner(2, 5, 3, [8])
+        >>> net(torch.randn(4, 2, 6, 6), context=torch.randn(5)).shape
+        torch.Size([4, 3, 6, 6])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        context_dim: int,
+        out_channels: int,
+        hidden_dims: Sequence[int],
+        num_outputs: int = 1,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__(in_channels, out_channels, hidden_dims, num_outputs, activation)
+        self.context_dim = _positive("context_dim", context_dim)
+        self.context_layer = nn.Linear(self.context_dim, self.first.out_channels)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        context = context.expand(*x.shape[:-3], self.context_dim)
+        return self._run(x, self.context_layer(context))
+
+
+class ContextBound(nn.Module):
+    """``x -> net(x, context=context)`` for a fixed context, sharing ``net``'s parameters.
+
+    What a conditional block's ``.condition(context)`` hands to the unconditional block.
+
+    Example:
+        >>> import torch
+        >>> net = make_conditioner(2, 2, [8], context_dim=3)
+        >>> ContextBound(net, torch.zeros(3))(torch.randn(4, 2)).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, net: nn.Module, context: Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.context = context
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        return self.net(x, context=self.context)
+
+
+def make_conditioner(
+    in_shape: int | Sequence[int],
+    out_features: int,
+    hidden_dims: Sequence[int] | None = None,
+    context_dim: int = 0,
+    num_outputs: int = 1,
+    activation: str = "relu",
+) -> nn.Module:
+    """Build a conditioner whose last layer is zero (so its outputs start at zero).
+
+    Arguments:
+        in_shape: the input's event shape, ``D`` (vectors) or ``(C, H, W)`` (images).
+        out_features: dimensions (vectors) or channels (images) of each output; images
+            keep ``H, W``.
+        hidden_dims: hidden units (vectors) or channels (images); default
+            :func:`default_hidden_dims`.
+        context_dim: the dimension of a context vector; 0 builds an unconditional network.
+        num_outputs: how many outputs (2 for a scale and a shift).
+        activation: ``"relu"`` or ``"elu"``.
+
+    Returns:
+        ``net(x)`` (or ``net(x, context=c)`` when ``context_dim > 0``) returning one tensor,
+        or a tuple of ``num_outputs`` tensors.
+
+    Example:
+        >>> import torch
+        >>> net = make_conditioner(3, 2, [16], num_outputs=2)
+        >>> [tuple(p.shape) for p in net(torch.randn(7, 3))]
+        [(7, 2), (7, 2)]
+    """
+    shape = _shape(in_shape)
+    out_features = _positive("out_features", out_features)
+    context_dim = _positive("context_dim", context_dim, low=0)
+    num_outputs = _positive("num_outputs", num_outputs)
+    hidden = _hidden(default_hidden_dims(shape) if hidden_dims is None else hidden_dims)
+    if len(shape) == 3:
+        if context_dim:
+            return ConditionalConvConditioner(
+                shape[0], context_dim, out_features, hidden, num_outputs, activation
+            )
+        return ConvConditioner(shape[0], out_features, hidden, num_outputs, activation)
+    param_dims = [out_features] * num_outputs
+    if context_dim:
+        net: ConditionalDenseNN = ConditionalDenseNN(
+            shape[0], context_dim, hidden, param_dims, nonlinearity=_activation(activation)
+        )
+    else:
+        net = DenseNN(shape[0], hidden, param_dims, nonlinearity=_activation(activation))
+    nn.init.zeros_(net.layers[-1].weight)
+    nn.init.zeros_(net.layers[-1].bias)
+    return net
