@@ -109,3 +109,29 @@ def test_direct_calls_never_leak_a_memo_into_the_cache():
     y = block(x)
     reference = -block.residual_logdet(y.detach())
     assert torch.allclose(block.log_abs_det_jacobian(x, y), reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_warm_start_from_the_stale_pair_saves_iterations_not_accuracy(solver):
+    data = torch.randn(128, 2, dtype=torch.float64) * 2
+    runs = {}
+    for warm in (False, True):
+        torch.manual_seed(0)
+        flow = residual_flow(2, num_blocks=3, hidden_dims=[32], warm_start=warm, solver=solver)
+        flow = flow.double()
+        base = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
+        d = dist.TransformedDistribution(base, flow)
+        opt = torch.optim.SGD(flow.parameters(), lr=1e-3)
+        for _ in range(6):
+            loss = -d.log_prob(data).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        runs[warm] = (
+            loss.item(),
+            sum(b.solve_stats.iterations for b in blocks(flow)),
+            sum(b.solve_stats.warm_starts for b in blocks(flow)),
+        )
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-8)
+    assert runs[True][2] > 0 and runs[False][2] == 0
+    assert runs[True][1] < runs[False][1]

@@ -72,7 +72,7 @@ def residual_inverse(
     x = y - g(x_star)
     if not x.requires_grad:
         return x.detach(), info
-    adjoint_kwargs = {k: v for k, v in solver_kwargs.items() if k != "method"}
+    adjoint_kwargs = dict(solver_kwargs)
     adjoint_kwargs["what"] = "adjoint solve (gradient of the iterative inverse)"
 
     def adjoint(v: Tensor | None) -> Tensor | None:
