@@ -125,7 +125,9 @@ def test_block_is_a_fixed_function_between_optimizer_steps(explicit):
     st.sampled_from(["forward", "inverse"]),
     st.integers(0, 1000),
 )
-def test_conditional_block_round_trip_logdet_and_bound(dim, context_dim, batch_shape, explicit, seed):
+def test_conditional_block_round_trip_logdet_and_bound(
+    dim, context_dim, batch_shape, explicit, seed
+):
     torch.manual_seed(seed)
     cond = conditional_iresnet(dim, context_dim, [8], explicit=explicit, logdet="exact").double()
     inflate(cond.nn)

@@ -68,21 +68,28 @@ def test_series_within_its_bias_bound(block_and_point, n_terms):
     assert ((truncated - exact).abs() <= series_truncation_bound(4, 0.9, n_terms)).all()
     # Hutchinson's estimate of the truncated series is unbiased for it
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([logdet_series(vjp, x, n_terms=n_terms, n_probes=32, generator=g)
-                         for _ in range(40)])
+    draws = torch.stack(
+        [logdet_series(vjp, x, n_terms=n_terms, n_probes=32, generator=g) for _ in range(40)]
+    )
     se = draws.std(0) / math.sqrt(draws.shape[0])
     assert ((draws.mean(0) - truncated).abs() <= 4 * se + 1e-12).all()
-    assert ((draws.mean(0) - exact).abs() <= series_truncation_bound(4, 0.9, n_terms) + 4 * se).all()
+    assert (
+        (draws.mean(0) - exact).abs() <= series_truncation_bound(4, 0.9, n_terms) + 4 * se
+    ).all()
 
 
 @pytest.mark.parametrize(("distribution", "param"), [("geometric", 0.5), ("poisson", 2.0)])
 def test_roulette_is_unbiased(block_and_point, distribution, param):
     _, x, vjp, exact, jac = block_and_point
     g = torch.Generator().manual_seed(1)
-    draws = torch.stack([
-        logdet_roulette(vjp, x, distribution=distribution, param=param, n_probes=16, generator=g)
-        for _ in range(400)
-    ])
+    draws = torch.stack(
+        [
+            logdet_roulette(
+                vjp, x, distribution=distribution, param=param, n_probes=16, generator=g
+            )
+            for _ in range(400)
+        ]
+    )
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
     assert ((mean - exact).abs() <= 4 * se).all(), (mean, exact, se)
     # whereas the 2-term truncation the roulette starts from is visibly biased

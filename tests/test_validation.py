@@ -16,8 +16,14 @@ def test_lipschitz_outside_open_unit_interval(c):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("explicit", "sideways"), ("logdet", "magic"), ("activation", "relu"),
-     ("solver", "newton"), ("roulette", "binomial"), ("probe", "uniform")],
+    [
+        ("explicit", "sideways"),
+        ("logdet", "magic"),
+        ("activation", "relu"),
+        ("solver", "newton"),
+        ("roulette", "binomial"),
+        ("probe", "uniform"),
+    ],
 )
 def test_unknown_option_values(option, value):
     with pytest.raises(ValueError, match=value):

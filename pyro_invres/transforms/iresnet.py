@@ -133,8 +133,10 @@ class InvertibleResidual(InvertibleModule):
             memory); exact when samples carry different upstream weights, through a
             recomputation. The value is always the estimate itself, never a surrogate.
             The exact log-det is always back-propagated.
-        warm_start: start the iterative side from the last cached (even stale) solution
-            where that is closer than a cold start (one extra evaluation of ``g``).
+        warm_start: in training, after the parameters changed, start the iterative side
+            from the last cached solution where that is closer than a cold start (one
+            extra evaluation of ``g``). Never between two optimizer steps nor in
+            evaluation, so results do not depend on call history there.
         cache_size: 0 or 1 (Pyro's identity cache).
 
     Cost and cache: the explicit direction is one pass of ``g``; the iterative one is
@@ -241,9 +243,14 @@ class InvertibleResidual(InvertibleModule):
         new one: start from it, shifted by the change of input, ``z_old + (w - w_old)``,
         sample by sample wherever its residual is smaller than the cold start's.
         """
+        # Only in training and only from a stale pair (the parameters moved since): a
+        # result must not depend on call history between two optimizer steps, and
+        # evaluation must be reproducible bit for bit.
+        if not (self.warm_start and self.training) or self._cache_key == self._state_key():
+            return None
         x_old, y_old = self._cached_x_y
         w_old, z_old = (y_old, x_old) if self.explicit == "forward" else (x_old, y_old)
-        if not self.warm_start or not isinstance(z_old, Tensor) or not isinstance(w_old, Tensor):
+        if not isinstance(z_old, Tensor) or not isinstance(w_old, Tensor):
             return None
         if w_old.shape != w.shape or w_old.dtype != w.dtype or w_old.device != w.device:
             return None
