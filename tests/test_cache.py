@@ -135,3 +135,28 @@ def test_warm_start_from_the_stale_pair_saves_iterations_not_accuracy(solver):
     assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-8)
     assert runs[True][2] > 0 and runs[False][2] == 0
     assert runs[True][1] < runs[False][1]
+
+
+def test_updates_through_p_data_are_seen_by_the_cache_and_the_spectral_norm():
+    # Pyro's ClippedAdam writes through p.data, which leaves version counters unchanged
+    import pyro.optim
+
+    torch.manual_seed(0)
+    flow = residual_flow(2, num_blocks=2, hidden_dims=[16])
+    d = dist.TransformedDistribution(normal(2), flow)
+    data = torch.randn(64, 2) * 2
+    opt = pyro.optim.ClippedAdam({"lr": 1e-2})
+    sn = blocks(flow)[0].nn.net[0].parametrizations.weight[0]
+    losses = []
+    for _ in range(4):
+        u_before = sn.u.clone()
+        loss = -d.log_prob(data).mean()  # the same tensor every step: the cache must see
+        loss.backward()
+        params = list(flow.parameters())
+        opt(params)
+        for p in params:
+            p.grad = None
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    d.log_prob(data)
+    assert not torch.equal(sn.u, u_before)  # refreshed after a p.data update

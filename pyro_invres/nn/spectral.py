@@ -13,8 +13,10 @@ are left alone (Behrmann et al. 2019, Chen et al. 2019).
 Unlike the reference implementations there is no manual ``update_lipschitz`` step:
 the power-iteration vectors live in buffers and are refreshed *inside* the forward pass,
 but only when the weight has changed since the last refresh (an optimizer step, a
-``load_state_dict``, a ``.to()``). Between two optimizer steps the layer is therefore a
-fixed function, in training mode too. Every refresh is warm-started and runs until the
+``load_state_dict``, a ``.to()``, or a write through ``p.data`` as Pyro's ``ClippedAdam``
+does, which the version counter does not see: values are compared too). Between two
+optimizer steps the layer is therefore a fixed function, in training mode too.
+Every refresh is warm-started and runs until the
 estimate stops moving (relative tolerance from the dtype), capped at
 ``n_power_iterations`` in training mode and ``max_eval_iterations`` in evaluation mode,
 where a refresh that hit the training cap is topped up. A couple of fixed iterations per
@@ -100,6 +102,7 @@ class SpectralNormScale(nn.Module):
         # state dict so that a reloaded model refreshes exactly when the original would.
         self.register_buffer("fresh", torch.zeros((), dtype=torch.bool))
         self._seen: tuple | None = None
+        self._weight_seen: Tensor | None = None
         self._converged = False
 
     # -- the operator; subclasses change these three for convolutions ------------------
@@ -153,24 +156,37 @@ class SpectralNormScale(nn.Module):
         """The current estimate ``u^T W v`` (differentiable in ``weight``)."""
         return torch.dot(self.u, self._matvec(weight, self.v))
 
+    def _changed(self, weight: Tensor) -> bool:
+        if self._fingerprint(weight) != self._seen or self._weight_seen is None:
+            return True
+        # writes through ``p.data`` (Pyro's ClippedAdam) leave the version counter alone:
+        # compare the values too
+        return not torch.equal(weight.detach(), self._weight_seen)
+
+    def _mark_seen(self, weight: Tensor) -> None:
+        self._seen = self._fingerprint(weight)
+        self._weight_seen = weight.detach().clone()
+
     def forward(self, weight: Tensor) -> Tensor:
-        fingerprint = self._fingerprint(weight)
         # evaluation tops up a training-mode refresh that stopped at its cap
-        if fingerprint != self._seen or (not self.training and not self._converged):
+        if self._changed(weight) or (not self.training and not self._converged):
             self._converged = self.refresh(weight)
-            self._seen = self._fingerprint(weight)
+            self._mark_seen(weight)
             self.fresh.fill_(True)
         scale = torch.clamp(self.sigma(weight) / self.lipschitz, min=1.0)
         return weight / scale
 
     def mark_state(self, weight: Tensor) -> None:
         """Reconcile the refresh bookkeeping with a state dict just loaded."""
-        self._seen = self._fingerprint(weight) if bool(self.fresh) else None
+        if bool(self.fresh):
+            self._mark_seen(weight)
+        else:
+            self._seen, self._weight_seen = None, None
         self._converged = False
 
     def note_saving(self, weight: Tensor) -> None:
         """Record in ``fresh`` whether (u, v) match the weight being saved."""
-        self.fresh.fill_(self._fingerprint(weight) == self._seen)
+        self.fresh.fill_(not self._changed(weight))
 
     def extra_repr(self) -> str:
         return f"lipschitz={self.lipschitz}, n_power_iterations={self.n_power_iterations}"

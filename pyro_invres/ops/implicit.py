@@ -19,6 +19,7 @@ copy of ``x``, or the hook would also transform that inner gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ def residual_inverse(
     x0: Tensor | None = None,
     event_dim: int = 1,
     contraction: float | None = None,
+    solve_context: Callable[[], AbstractContextManager] = nullcontext,
     **solver_kwargs: object,
 ) -> tuple[Tensor, SolveInfo]:
     """Solve ``x + g(x) = y`` for ``x``, differentiably in ``y`` and in ``g``'s parameters.
@@ -45,6 +47,9 @@ def residual_inverse(
         x0: a starting point (default ``y``).
         event_dim: number of trailing event dimensions.
         contraction: a bound on ``Lip(g)`` for the error bound.
+        solve_context: a context entered around the graph-free solves only, e.g.
+            :func:`torch.nn.utils.parametrize.cached` so that normalised weights are
+            computed once per solve rather than once per iteration.
         **solver_kwargs: passed to :func:`~pyro_invres.ops.solve_fixed_point`
             (``atol``, ``rtol``, ``max_iter``, ``method``, ``strict``, ``what``).
 
@@ -60,13 +65,14 @@ def residual_inverse(
         True
     """
     start = y if x0 is None else x0
-    x_star, info = solve_fixed_point(
-        lambda x: y - g(x),
-        start,
-        event_dim=event_dim,
-        contraction=contraction,
-        **solver_kwargs,  # type: ignore[arg-type]
-    )
+    with torch.no_grad(), solve_context():
+        x_star, info = solve_fixed_point(
+            lambda x: y - g(x),
+            start,
+            event_dim=event_dim,
+            contraction=contraction,
+            **solver_kwargs,  # type: ignore[arg-type]
+        )
     if not torch.is_grad_enabled():
         return x_star, info
     x = y - g(x_star)

@@ -72,6 +72,7 @@ class InvertibleModule(TransformModule):
         self.event_shape = shape
         self.output_shape = out
         self._cache_key: tuple | None = None
+        self._checksum: Tensor | None = None
         self._ladj_memo: tuple | None = None
 
     # -- Pyro's contract -------------------------------------------------------------
@@ -156,10 +157,32 @@ class InvertibleModule(TransformModule):
         versions = tuple((p.data_ptr(), p._version) for p in self.parameters())
         return versions, torch.is_grad_enabled(), self.training
 
+    def _param_checksum(self) -> Tensor | None:
+        params = list(self.parameters())
+        if not params:
+            return None
+        with torch.no_grad():
+            return torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params])
+
+    def _pair_is_current(self) -> bool:
+        if self._cache_key != self._state_key():
+            return False
+        if self._checksum is None:
+            return True
+        # values too: writes through ``p.data`` (Pyro's ClippedAdam) keep the versions
+        current = self._param_checksum()
+        return current is not None and torch.equal(current, self._checksum)
+
     def _cache_hit(self, x: Tensor | None, y: Tensor | None) -> bool:
         x_old, y_old = self._cached_x_y
         same = (x is not None and x is x_old) or (y is not None and y is y_old)
-        return same and self._cache_key == self._state_key()
+        return same and self._pair_is_current()
+
+    def _store(self, x: Tensor, y: Tensor) -> None:
+        self._cached_x_y = x, y
+        self._cache_key = self._state_key()
+        self._checksum = self._param_checksum()
+        self._promote_memo(x, y)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._cache_size == 0:
@@ -171,9 +194,7 @@ class InvertibleModule(TransformModule):
         self._ladj_memo = None
         self._pending_memo = None  # only what this very call remembers may be promoted
         y = self._call(x)
-        self._cached_x_y = x, y
-        self._cache_key = self._state_key()
-        self._promote_memo(x, y)
+        self._store(x, y)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
@@ -186,9 +207,7 @@ class InvertibleModule(TransformModule):
         self._ladj_memo = None
         self._pending_memo = None
         x = self._inverse(y)
-        self._cached_x_y = x, y
-        self._cache_key = self._state_key()
-        self._promote_memo(x, y)
+        self._store(x, y)
         return x
 
     # -- the log-det memo -------------------------------------------------------------------
@@ -199,11 +218,11 @@ class InvertibleModule(TransformModule):
     def _promote_memo(self, x: Tensor, y: Tensor) -> None:
         value = getattr(self, "_pending_memo", None)
         self._pending_memo = None
-        self._ladj_memo = (x, y, self._state_key(), value) if value is not None else None
+        self._ladj_memo = (x, y, None, value) if value is not None else None
 
     def _memo_for(self, x: Tensor, y: Tensor) -> object:
         memo = self._ladj_memo
-        if memo is not None and memo[0] is x and memo[1] is y and memo[2] == self._state_key():
+        if memo is not None and memo[0] is x and memo[1] is y and self._pair_is_current():
             return memo[3]
         return None
 

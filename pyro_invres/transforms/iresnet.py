@@ -41,6 +41,7 @@ from functools import partial
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..nn.conditioners import ContextBound
 from ..nn.lipschitz_cnn import LipschitzCNN
@@ -246,7 +247,7 @@ class InvertibleResidual(InvertibleModule):
         # Only in training and only from a stale pair (the parameters moved since): a
         # result must not depend on call history between two optimizer steps, and
         # evaluation must be reproducible bit for bit.
-        if not (self.warm_start and self.training) or self._cache_key == self._state_key():
+        if not (self.warm_start and self.training) or self._pair_is_current():
             return None
         x_old, y_old = self._cached_x_y
         w_old, z_old = (y_old, x_old) if self.explicit == "forward" else (x_old, y_old)
@@ -270,6 +271,7 @@ class InvertibleResidual(InvertibleModule):
             self.nn,
             w,
             x0=self._warm_start(w),
+            solve_context=parametrize.cached,
             event_dim=self.event_dim,
             contraction=self.lipschitz,
             what=f"{type(self).__name__} iterative {self._iterative_side}",
