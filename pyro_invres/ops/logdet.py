@@ -291,6 +291,6 @@ def series_truncation_bound(dim: int, lipschitz: float, n_terms: int) -> float:
 
     Example:
         >>> round(series_truncation_bound(2, 0.5, 10), 6)
-        0.000355
+        0.000178
     """
     return dim * lipschitz ** (n_terms + 1) / ((n_terms + 1) * (1.0 - lipschitz))
