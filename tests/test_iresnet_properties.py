@@ -141,3 +141,20 @@ def test_conditional_block_round_trip_logdet_and_bound(
         assert torch.allclose(ladj, jacobian_logdet(block._call, x), atol=1e-6)
         g = lambda z: cond.nn(z, context=context)  # noqa: E731
         assert residual_lipschitz(g, torch.randn(4, dim, dtype=torch.float64)) <= 0.9 * (1 + 1e-3)
+
+
+def test_evaluation_is_a_fixed_function_even_when_power_iteration_is_slow():
+    # a power iteration that has not converged within its cap must not keep moving the
+    # weights from one evaluation call to the next
+    torch.manual_seed(0)
+    block = iresnet(6, [32, 32], lipschitz=0.9)
+    inflate(block.nn)
+    for m in block.modules():
+        if hasattr(m, "max_eval_iterations"):
+            m.max_eval_iterations = 2
+    block = block.double().eval()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    first = block._call(x)
+    for _ in range(3):
+        assert torch.equal(block._call(x), first)
+    assert (block._inverse(first) - x).abs().max() < 1e-8

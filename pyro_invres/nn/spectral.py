@@ -142,9 +142,10 @@ class SpectralNormScale(nn.Module):
         converged = False
         for _ in range(max_iterations):
             v_new = _normalize(self._rmatvec(weight, u))
-            u_new = _normalize(self._matvec(weight, v_new))
-            sigma_new = torch.dot(u_new, self._matvec(weight, v_new))
-            if torch.abs(sigma_new - sigma) <= tol * torch.abs(sigma_new):
+            wv = self._matvec(weight, v_new)
+            sigma_new = wv.norm()  # = u_new^T W v_new, without a third product
+            u_new = wv / sigma_new.clamp_min(1e-12)
+            if torch.abs(sigma_new - sigma) <= tol * sigma_new:
                 converged = True
                 break
             u, v, sigma = u_new, v_new, sigma_new
@@ -168,9 +169,11 @@ class SpectralNormScale(nn.Module):
         self._weight_seen = weight.detach().clone()
 
     def forward(self, weight: Tensor) -> Tensor:
-        # evaluation tops up a training-mode refresh that stopped at its cap
+        # Evaluation tops up, once, a training-mode refresh that stopped at its cap; after
+        # that the layer is fixed until the weight changes, converged or not.
         if self._changed(weight) or (not self.training and not self._converged):
-            self._converged = self.refresh(weight)
+            converged = self.refresh(weight)
+            self._converged = converged or not self.training
             self._mark_seen(weight)
             self.fresh.fill_(True)
         scale = torch.clamp(self.sigma(weight) / self.lipschitz, min=1.0)

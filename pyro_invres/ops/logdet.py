@@ -56,13 +56,12 @@ def make_vjp(x: Tensor, gx: Tensor, create_graph: bool) -> Vjp:
     """
 
     def vjp(v: Tensor) -> Tensor:
+        batched = v.dim() > gx.dim()
+        if batched and v.shape[0] == 1:
+            # one probe: a plain backward, without the vmap that batching costs
+            return vjp(v[0]).unsqueeze(0)
         (out,) = torch.autograd.grad(
-            gx,
-            x,
-            v,
-            retain_graph=True,
-            create_graph=create_graph,
-            is_grads_batched=v.dim() > gx.dim(),
+            gx, x, v, retain_graph=True, create_graph=create_graph, is_grads_batched=batched
         )
         return out
 

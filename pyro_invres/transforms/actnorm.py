@@ -46,7 +46,8 @@ class ActNorm(InvertibleModule):
         >>> import torch
         >>> norm = ActNorm(3)
         >>> y = norm(5.0 + 2.0 * torch.randn(100, 3))   # initialises on this batch
-        >>> bool(y.mean(0).abs().max() < 1e-5), bool((y.std(0, correction=0) - 1).abs().max() < 1e-4)
+        >>> std = y.std(0, correction=0)
+        >>> bool(y.mean(0).abs().max() < 1e-5), bool((std - 1).abs().max() < 1e-4)
         (True, True)
     """
 

@@ -150,19 +150,34 @@ class InvertibleModule(TransformModule):
             raise ValueError(f"{type(self).__name__}: {name} has non-finite values (nan or inf)")
 
     # -- the cache ------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        # walking the module tree on every call is measurable on small blocks; the list
+        # is rebuilt after .to()/.double() (see _apply) and whenever it was dropped
+        params = self.__dict__.get("_param_list")
+        if params is None:
+            params = list(self.parameters())
+            self.__dict__["_param_list"] = params
+        return params
+
+    def _apply(self, *args: object, **kwargs: object) -> InvertibleModule:
+        self.__dict__["_param_list"] = None
+        return super()._apply(*args, **kwargs)
+
     def _state_key(self) -> tuple:
         # what makes a cached pair stale: new parameter values, a different grad mode
         # (a graph-less pair cannot serve a backward), a train/eval switch (evaluation
         # may refine the spectral norms)
-        versions = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        versions = tuple((p.data_ptr(), p._version) for p in self._params())
         return versions, torch.is_grad_enabled(), self.training
 
     def _param_checksum(self) -> Tensor | None:
-        params = list(self.parameters())
+        params = self._params()
         if not params:
             return None
         with torch.no_grad():
-            return torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params])
+            return torch.stack(
+                [torch.linalg.vector_norm(p) for p in params] + [p.sum() for p in params]
+            )
 
     def _pair_is_current(self) -> bool:
         if self._cache_key != self._state_key():

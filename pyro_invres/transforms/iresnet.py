@@ -247,7 +247,9 @@ class InvertibleResidual(InvertibleModule):
         # Only in training and only from a stale pair (the parameters moved since): a
         # result must not depend on call history between two optimizer steps, and
         # evaluation must be reproducible bit for bit.
-        if not (self.warm_start and self.training) or self._pair_is_current():
+        if not (self.warm_start and self.training and self._cache_size):
+            return None
+        if self._pair_is_current():
             return None
         x_old, y_old = self._cached_x_y
         w_old, z_old = (y_old, x_old) if self.explicit == "forward" else (x_old, y_old)

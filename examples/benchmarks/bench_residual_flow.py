@@ -1,0 +1,988 @@
+"""Residual flows: pyro_invres against normflows, training step, memory and inversion.
+
+Training (density estimation, scoring data is the explicit pass on both sides):
+
+* ours: ``pyro_invres.flows.residual_flow(D, K, hidden, explicit="inverse")`` (i-ResNet
+  blocks interleaved with ActNorm) in a ``TransformedDistribution`` over ``N(0, I)``; a step
+  is ``-log_prob(x).mean()``, backward, Adam. Spectral normalisation refreshes inside the
+  forward pass.
+* normflows: ``NormalizingFlow`` over ``[Residual(LipschitzMLP), ActNorm] * K`` with a fixed
+  ``DiagGaussian``; ``Residual(reverse=True)`` applies ``x + g(x)`` to data in
+  ``log_prob``/``forward_kld``, the same explicit side. A step is ``forward_kld``, backward,
+  Adam, then ``update_lipschitz(model, n)`` (users must call it; the official example uses
+  ``n=50``). Measured with ``reduce_memory=True`` (Neumann-series gradient + backward in
+  forward, its default) and ``reduce_memory=False`` (plain estimator, like ours).
+
+Same estimator on both sides: one Gaussian Hutchinson probe, unbiased Russian roulette with
+geometric ``p = 0.5``. normflows draws ``N >= 1`` (numpy's geometric) on top of
+``n_exact_terms=2``; ours draws ``N >= 0`` on top of ``n_exact_terms``: ours with
+``n_exact_terms=3`` has exactly the same law of the number of terms and the same weights
+(mean 4 vector-Jacobian products per block). ``ours_nexact2`` (same nominal setting, one
+term fewer on average) is timed too.
+
+Same network: ``D -> hidden -> D`` with LipSwish-type activations, every layer spectrally
+normalised to ``c ** (1/L)`` so that ``Lip(g) <= c = 0.9``; normflows' ``LipschitzMLP``
+takes the per-layer coefficient and also puts an activation on the input.
+
+Inversion: evaluations of ``g`` (and wall time in units of one forward pass of ``g``) to
+invert a ``c = 0.9`` block to 1e-6 relative error with ``solver="fixed_point"`` and
+``solver="anderson"`` (float64; counts from ``solve_stats``), on a random block scaled so
+that the largest sampled ``||J_g||`` is ``c``, and per sample on a briefly trained toy flow.
+
+Run ``python bench_residual_flow.py --help``; results go to
+``results/residual_flow_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import math
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    PhaseTimer,
+    base_parser,
+    env_info,
+    interleaved_timing,
+    markdown_table,
+    memory_summary,
+    mib,
+    paired_ratio,
+    peak_memory,
+    setup_device,
+    sync,
+    write_json,
+)
+
+LIPSCHITZ = 0.9
+CONFIGS: dict[str, dict[str, Any]] = {
+    "A": {"dim": 2, "num_blocks": 8, "hidden": [64, 64], "batch": 256},
+    "B": {"dim": 64, "num_blocks": 4, "hidden": [256, 256], "batch": 128},
+}
+ROULETTE_P = 0.5
+NF_EXACT_TERMS = 2
+OURS_EXACT_TERMS = 3  # same law of terms as normflows' n_exact_terms=2 (see module docstring)
+LR = 1e-3
+PRELOAD = ("torch", "numpy", "pyro", "pyro_invres", "normflows", "bench_residual_flow")
+
+
+# -- data -----------------------------------------------------------------------------------
+def data_pool(dim: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A mixture of 8 Gaussians in ``R^dim`` (8gaussians for ``dim = 2``), float32."""
+    g = torch.Generator().manual_seed(seed)
+    if dim == 2:
+        angles = torch.arange(8) * (2 * math.pi / 8)
+        centers = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    else:
+        centers = torch.randn(8, dim, generator=g)
+        centers = 2.0 * centers / centers.norm(dim=1, keepdim=True)
+    labels = torch.randint(0, 8, (n,), generator=g)
+    return centers[labels] + 0.2 * torch.randn(n, dim, generator=g)
+
+
+# -- models ---------------------------------------------------------------------------------
+def build_ours(
+    cfg: dict[str, Any], device: torch.device, n_exact_terms: int, gradient: str | None = None
+) -> tuple:
+    import pyro.distributions as dist
+
+    from pyro_invres.flows import residual_flow
+
+    flow = residual_flow(
+        cfg["dim"],
+        cfg["num_blocks"],
+        cfg["hidden"],
+        explicit="inverse",
+        lipschitz=LIPSCHITZ,
+        activation="lipswish",
+        logdet="roulette",
+        n_exact_terms=n_exact_terms,
+        roulette="geometric",
+        roulette_param=ROULETTE_P,
+        n_probes=1,
+        probe="gaussian",
+        **({} if gradient is None else {"gradient": gradient}),
+    ).to(device)
+    zeros = torch.zeros(cfg["dim"], device=device)
+    base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+    model = dist.TransformedDistribution(base, [flow])
+    return flow, (lambda x: -model.log_prob(x).mean())
+
+
+def build_normflows(cfg: dict[str, Any], device: torch.device, reduce_memory: bool) -> tuple:
+    import normflows as nf
+
+    per_layer = LIPSCHITZ ** (1.0 / (len(cfg["hidden"]) + 1))
+    flows: list[nn.Module] = []
+    for _ in range(cfg["num_blocks"]):
+        net = nf.nets.LipschitzMLP(
+            [cfg["dim"], *cfg["hidden"], cfg["dim"]],
+            lipschitz_const=per_layer,
+            init_zeros=False,  # ours starts from PyTorch's default init too
+        )
+        flows.append(
+            nf.flows.Residual(
+                net,
+                reduce_memory=reduce_memory,
+                n_exact_terms=NF_EXACT_TERMS,
+                n_dist="geometric",
+                geom_p=ROULETTE_P,
+                n_samples=1,
+                brute_force=False,
+                exact_trace=False,
+            )
+        )
+        flows.append(nf.flows.ActNorm(cfg["dim"]))
+    q0 = nf.distributions.DiagGaussian(cfg["dim"], trainable=False)
+    model = nf.NormalizingFlow(q0=q0, flows=flows).to(device)
+    return model, model.forward_kld
+
+
+# ours (default gradient), then each of our gradient modes next to its normflows analogue:
+# "backprop" ~ nf_plain, "forward" (Neumann gradient computed in the forward) ~ nf_reduce_memory
+IMPLS = {
+    "ours": {"kind": "ours", "n_exact_terms": OURS_EXACT_TERMS, "gradient": None},
+    "ours_backprop": {"kind": "ours", "n_exact_terms": OURS_EXACT_TERMS, "gradient": "backprop"},
+    "ours_forward": {"kind": "ours", "n_exact_terms": OURS_EXACT_TERMS, "gradient": "forward"},
+    "ours_nexact2": {"kind": "ours", "n_exact_terms": NF_EXACT_TERMS, "gradient": None},
+    "nf_reduce_memory": {"kind": "normflows", "reduce_memory": True},
+    "nf_plain": {"kind": "normflows", "reduce_memory": False},
+}
+MEMORY_IMPLS = ["ours", "ours_backprop", "ours_forward", "nf_reduce_memory", "nf_plain"]
+RATIOS = [  # (ours, normflows): time and memory ratios reported
+    ("ours", "nf_reduce_memory"),
+    ("ours", "nf_plain"),
+    ("ours_forward", "nf_reduce_memory"),
+    ("ours_backprop", "nf_plain"),
+    ("ours_nexact2", "nf_reduce_memory"),
+]
+
+
+def build_step(
+    impl: str,
+    config: str,
+    device: str = "cpu",
+    seed: int = 0,
+    lipschitz_iters: int = 50,
+    n_batches: int = 64,
+) -> Any:
+    """Model, data and optimizer of ``impl`` on ``config``; returns ``step(timer)``.
+
+    The i-th call of every implementation's step sees the same batch.
+    """
+    dev = torch.device(device)
+    cfg = CONFIGS[config]
+    spec = IMPLS[impl]
+    torch.manual_seed(seed)
+    pool = data_pool(cfg["dim"], n_batches * cfg["batch"], seed).to(dev)
+    batches = pool.split(cfg["batch"])
+    if spec["kind"] == "ours":
+        module, loss_fn = build_ours(cfg, dev, spec["n_exact_terms"], spec["gradient"])
+    else:
+        module, loss_fn = build_normflows(cfg, dev, spec["reduce_memory"])
+    opt = torch.optim.Adam(module.parameters(), lr=LR)
+    counter = [0]
+
+    def step(timer: PhaseTimer) -> None:
+        x = batches[counter[0] % len(batches)]
+        counter[0] += 1
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(x)
+        timer.mark("forward")
+        loss.backward()
+        timer.mark("backward")
+        opt.step()
+        timer.mark("optimizer")
+        if spec["kind"] == "normflows":
+            from normflows.utils import update_lipschitz
+
+            update_lipschitz(module, lipschitz_iters)
+            timer.mark("update_lipschitz")
+
+    return step
+
+
+def ours_block_settings() -> dict[str, Any]:
+    """The options our blocks actually run with, read back from a built block."""
+    from pyro_invres.nn.spectral import SpectralNormScale
+
+    flow, _ = build_ours(CONFIGS["A"], torch.device("cpu"), OURS_EXACT_TERMS)
+    block = next(p for p in flow if hasattr(p, "solve_stats"))
+    keys = [
+        "logdet",
+        "n_exact_terms",
+        "roulette",
+        "roulette_param",
+        "n_probes",
+        "probe",
+        "gradient",
+        "lipschitz",
+        "explicit",
+        "warm_start",
+    ]
+    out = {k: getattr(block, k) for k in keys if hasattr(block, k)}
+    sn = next(m for m in block.modules() if isinstance(m, SpectralNormScale))
+    out["spectral_norm"] = {
+        "n_power_iterations_cap": sn.n_power_iterations,
+        "tol": sn.tol,
+        "where": "inside the forward pass, when the weight changed",
+    }
+    return out
+
+
+def estimator_description(lipschitz_iters: int) -> dict[str, Any]:
+    return {
+        "ours_block_settings_read_back": ours_block_settings(),
+        "family": "unbiased Russian-roulette power series, Hutchinson trace, 1 Gaussian probe",
+        "ours": {
+            "logdet": "roulette",
+            "roulette": "geometric",
+            "roulette_param": ROULETTE_P,
+            "n_exact_terms": OURS_EXACT_TERMS,
+            "extra_terms_law": "N ~ Geometric(p) on {0, 1, ...}",
+            "n_probes": 1,
+            "probe": "gaussian",
+            "gradient_modes": {
+                "ours": "package default (see ours_block_settings_read_back.gradient)",
+                "ours_backprop": "gradient='backprop': through every term",
+                "ours_forward": "gradient='forward': Neumann gradient computed in the forward",
+            },
+            "value_returned": "the estimate of log|det| itself (all modes)",
+            "mean_terms_per_block": OURS_EXACT_TERMS + (1 - ROULETTE_P) / ROULETTE_P,
+        },
+        "ours_nexact2": {
+            "n_exact_terms": NF_EXACT_TERMS,
+            "otherwise": "as ours",
+            "mean_terms_per_block": NF_EXACT_TERMS + (1 - ROULETTE_P) / ROULETTE_P,
+        },
+        "normflows": {
+            "n_dist": "geometric",
+            "geom_p": ROULETTE_P,
+            "n_exact_terms": NF_EXACT_TERMS,
+            "extra_terms_law": "N ~ numpy Geometric(p) on {1, 2, ...}",
+            "n_samples": 1,
+            "probe": "1 Gaussian (torch.randn_like)",
+            "brute_force": False,
+            "exact_trace": False,
+            "mean_terms_per_block": NF_EXACT_TERMS + 1 / ROULETTE_P,
+            "nf_reduce_memory": "reduce_memory=True: neumann_grad=True and "
+            "grad_in_forward=True (value returned is the Neumann surrogate, not log|det|)",
+            "nf_plain": "reduce_memory=False: basic estimator, backprop through every term",
+            "update_lipschitz_iterations_per_step": lipschitz_iters,
+        },
+        "equivalence": "normflows (n_exact_terms=2, N>=1) and ours (n_exact_terms=3, N>=0) "
+        "compute the same number of terms with the same weights, in law",
+        "rng": "each round reseeds torch and numpy with the same seed for every impl; "
+        "ours draws N with torch, normflows with numpy, so the draws differ step to step",
+    }
+
+
+def architecture_description(cfg: dict[str, Any]) -> dict[str, Any]:
+    n_layers = len(cfg["hidden"]) + 1
+    return {
+        "layers": [cfg["dim"], *cfg["hidden"], cfg["dim"]],
+        "lipschitz_total": LIPSCHITZ,
+        "per_layer_coefficient": LIPSCHITZ ** (1 / n_layers),
+        "ours_activation": "LipSwish x*sigmoid(beta x)/1.1, beta=softplus(b) init 1.0, "
+        "between layers only",
+        "normflows_activation": "Swish x*sigmoid(softplus(b) x)/1.1, softplus(b) init 0.97, "
+        "also before the first layer (one more elementwise op on D values)",
+        "actnorm": "after every residual block on both sides, data-initialised",
+        "base": "standard normal, fixed",
+        "init": "PyTorch default Linear init on both (normflows init_zeros=False)",
+        "optimizer": f"Adam lr={LR}",
+        "validation": "Pyro distribution validation on (Pyro's default)",
+    }
+
+
+# -- training benchmark ---------------------------------------------------------------------
+def bench_training(args: Any, device: torch.device, config: str) -> dict[str, Any]:
+    impls = list(IMPLS)
+    steps = {
+        name: build_step(name, config, str(device), args.seed, args.lipschitz_iters)
+        for name in impls
+    }
+
+    def reseed(r: int) -> None:
+        torch.manual_seed(10_000 + r)
+        np.random.seed(10_000 + r)
+
+    timing = interleaved_timing(
+        steps, device, reps=args.reps, warmup=args.warmup, seed=args.seed, before_round=reseed
+    )
+    ratios = {f"{a}/{b}": paired_ratio(timing, a, b) for a, b in RATIOS}
+    # without normflows' update_lipschitz, for reference (not what a user runs)
+    excl = {}
+    for a, b in RATIOS:
+        ph = timing["impls"][b]["phases"]
+        no_update = timing["impls"][b]["total"]["median"] - ph["update_lipschitz"]["median"]
+        excl[f"{a}/{b}"] = timing["impls"][a]["total"]["median"] / no_update
+    ratios["excluding_update_lipschitz_of_medians"] = excl
+    del steps
+
+    memory: dict[str, Any] = {}
+    if args.mem_reps > 0:
+        mem_impls = MEMORY_IMPLS
+        runs: dict[str, list] = {n: [] for n in mem_impls}
+        for r in range(args.mem_reps):
+            order = mem_impls[r % len(mem_impls) :] + mem_impls[: r % len(mem_impls)]
+            for name in order:
+                kwargs = {
+                    "impl": name,
+                    "config": config,
+                    "seed": args.seed,
+                    "lipschitz_iters": args.lipschitz_iters,
+                }
+                runs[name].append(
+                    peak_memory(
+                        "bench_residual_flow:build_step",
+                        kwargs,
+                        device,
+                        steps=args.mem_steps,
+                        threads=args.threads,
+                        preload=PRELOAD,
+                    )
+                )
+        memory = {n: memory_summary(v) for n, v in runs.items()}
+        memory["steps_per_run"] = args.mem_steps
+        memory["ratios"] = {
+            f"{a}/{b}": memory[a]["median_bytes"] / memory[b]["median_bytes"]
+            for a, b in RATIOS
+            if "median_bytes" in memory.get(a, {}) and "median_bytes" in memory.get(b, {})
+        }
+    for entry in timing["impls"].values():
+        entry["samples"] = [round(s, 6) for s in entry["samples"]]
+    return {
+        "config": CONFIGS[config],
+        "architecture": architecture_description(CONFIGS[config]),
+        "timing_seconds": timing,
+        "time_ratios": ratios,
+        "peak_memory": memory,
+    }
+
+
+# -- inversion benchmark --------------------------------------------------------------------
+class ScaledNet(nn.Module):
+    """``x -> scale * net(x)``, counting evaluations and (optionally) the error of each iterate."""
+
+    def __init__(self, net: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.net = net
+        self.scale = float(scale)
+        self.calls = 0
+        self.track: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, x_true)
+        self.errors: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.scale * self.net(x)
+        if self.track is not None:
+            y, x_true = self.track
+            with torch.no_grad():  # the solver's next iterate is y - g(x)
+                err = ((y - out) - x_true).norm(dim=-1) / x_true.norm(dim=-1)
+            self.errors.append(float(err.max()))
+        return out
+
+
+def jacobian_norms(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``||J_g(x_i)||_2`` for every row of ``x`` (exact: one backward pass per output)."""
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        gx = g(xr)
+        rows = [
+            torch.autograd.grad(gx[:, k].sum(), xr, retain_graph=True)[0]
+            for k in range(gx.shape[-1])
+        ]
+    jac = torch.stack(rows, dim=1)  # (batch, out, in)
+    return torch.linalg.matrix_norm(jac.detach(), ord=2)
+
+
+def cold_start() -> dict[str, Any]:
+    """``warm_start=False`` where the block has that option: every solve starts from its input."""
+    import inspect
+
+    from pyro_invres.transforms.iresnet import InvertibleResidual
+
+    params = inspect.signature(InvertibleResidual.__init__).parameters
+    return {"warm_start": False} if "warm_start" in params else {}
+
+
+def settle_spectral(model: nn.Module, run: Any, max_calls: int = 50) -> dict[str, Any]:
+    """Call ``run()`` until no spectral-norm vector moves any more; return the calls needed.
+
+    In evaluation mode a refresh that stopped at its iteration cap is topped up on the next
+    call, so two consecutive calls can see slightly different weights (after ``.to(float64)``
+    for instance). Inverting with other weights than the forward used would show up as an
+    error that has nothing to do with the solver.
+    """
+    from pyro_invres.nn.spectral import SpectralNormScale
+
+    norms = [m for m in model.modules() if isinstance(m, SpectralNormScale)]
+
+    def snapshot() -> list[torch.Tensor]:
+        return [t.clone() for m in norms for t in (m.u, m.v)]
+
+    before = snapshot()
+    for calls in range(1, max_calls + 1):
+        with torch.no_grad():
+            run()
+        after = snapshot()
+        if all(torch.equal(a, b) for a, b in zip(before, after)):
+            return {"calls": calls, "settled": True}
+        before = after
+    return {"calls": max_calls, "settled": False}
+
+
+def _median(v: list[float]) -> float:
+    return float(statistics.median(v)) if v else float("nan")
+
+
+def _first_below(errors: list[float], target: float) -> int | None:
+    return next((i + 1 for i, e in enumerate(errors) if e <= target), None)
+
+
+def nf_fixed_point_rule(net: ScaledNet, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """normflows' own inverse (``iResBlock._inverse_fixed_point``: atol = rtol = 1e-5 on the
+    *squared* step), on our network; returns the solution and evaluations of ``g``."""
+    from normflows.flows.residual import iResBlock
+
+    block = iResBlock(net)
+    net.calls = 0
+    with torch.no_grad():
+        x = block._inverse_fixed_point(y)
+    return x, net.calls
+
+
+def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str, Any]:
+    from pyro_invres.nn import LipschitzMLP
+    from pyro_invres.transforms.iresnet import InvertibleResidual
+
+    cfg = CONFIGS[config]
+    dim = cfg["dim"]
+    dtype = torch.float64
+    torch.manual_seed(args.seed + 1)
+    raw = LipschitzMLP(dim, cfg["hidden"], lipschitz=LIPSCHITZ).to(device, dtype).eval()
+    probe_x = torch.randn(4096 if dim <= 8 else 512, dim, device=device, dtype=dtype)
+    lip_raw = float(jacobian_norms(raw, probe_x).max())
+    net = ScaledNet(raw, LIPSCHITZ / lip_raw)
+    check = jacobian_norms(net, torch.randn(512, dim, device=device, dtype=dtype))
+    net.calls = 0
+    opts = {"atol": 0.0, "rtol": args.inverse_rtol, "max_iter": 10_000, **cold_start()}
+    # every solve gets a fresh tensor (y.clone()), so the identity cache never answers
+    blocks = {
+        m: InvertibleResidual(net, dim, lipschitz=LIPSCHITZ, solver=m, **opts)
+        for m in ("fixed_point", "anderson")
+    }
+    x_true = torch.randn(args.inverse_batch, dim, device=device, dtype=dtype)
+    settle = settle_spectral(net, lambda: net(x_true))
+    with torch.no_grad():
+        y = x_true + net(x_true)
+
+    out: dict[str, Any] = {
+        "dim": dim,
+        "hidden": cfg["hidden"],
+        "dtype": "float64",
+        "target": {"atol": 0.0, "rtol": args.inverse_rtol},
+        "solver_start": "cold (warm_start=False): every solve starts at its input",
+        "spectral_norm_settle": settle,
+        "lipschitz_bound_declared": LIPSCHITZ,
+        "construction": "LipschitzMLP (lipswish) output scaled so max ||J_g|| over sampled "
+        "N(0, I) points equals c",
+        "jacobian_norm_on_fresh_points": {
+            "max": float(check.max()),
+            "median": float(check.median()),
+        },
+        "worst_case_iterations_ln(rtol)/ln(c)": math.log(args.inverse_rtol) / math.log(LIPSCHITZ),
+    }
+
+    # whole batch in one solve (every sample must converge) + wall time in forward passes
+    def solve(method: str) -> Any:
+        def run(timer: PhaseTimer) -> None:
+            with torch.no_grad():
+                blocks[method].inv(y.clone())
+            timer.mark("solve")
+
+        return run
+
+    def forward_g(timer: PhaseTimer) -> None:
+        with torch.no_grad():
+            net(y)
+        timer.mark("solve")
+
+    batch: dict[str, Any] = {"batch_size": args.inverse_batch}
+    for m, block in blocks.items():
+        block.solve_stats.reset()
+        with torch.no_grad():
+            x_hat = block.inv(y.clone())
+        err = (x_hat - x_true).norm(dim=-1) / x_true.norm(dim=-1)
+        batch[m] = {
+            "iterations": block.solve_stats.iterations,
+            "converged": bool(block.solve_stats.last.converged),
+            "max_rel_error": float(err.max()),
+            "median_rel_error": float(err.median()),
+        }
+    x_nf, nf_calls = nf_fixed_point_rule(net, y)
+    err = (x_nf - x_true).norm(dim=-1) / x_true.norm(dim=-1)
+    batch["normflows_rule"] = {
+        "evaluations": nf_calls,
+        "max_rel_error": float(err.max()),
+        "median_rel_error": float(err.median()),
+        "note": "normflows' stopping rule, for reference; not asked to reach the target",
+    }
+    timing = interleaved_timing(
+        {
+            "g_forward": forward_g,
+            "fixed_point": solve("fixed_point"),
+            "anderson": solve("anderson"),
+        },
+        device,
+        reps=args.inverse_time_reps,
+        warmup=1,
+    )
+    t_g = timing["impls"]["g_forward"]["total"]["median"]
+    for m in ("fixed_point", "anderson"):
+        t = timing["impls"][m]["total"]["median"]
+        batch[m]["wall_seconds_median"] = t
+        batch[m]["forward_pass_equivalents"] = t / t_g
+    batch["g_forward_seconds_median"] = t_g
+    out["batch_solve"] = batch
+
+    # per sample: a solve of each sample alone
+    per: dict[str, Any] = {"n_samples": args.inverse_samples}
+    for m, block in blocks.items():
+        iters, oracle, errs, rates = [], [], [], []
+        for i in range(args.inverse_samples):
+            xi, yi = x_true[i : i + 1], y[i : i + 1]
+            net.errors, net.track = [], (yi, xi)
+            block.solve_stats.reset()
+            with torch.no_grad():
+                x_hat = block.inv(yi.clone())
+            net.track = None
+            iters.append(block.solve_stats.iterations)
+            oracle.append(_first_below(net.errors, args.inverse_rtol))
+            e = [v for v in net.errors if v > 0]
+            if len(e) > 1:  # geometric-mean error reduction per evaluation of g
+                rates.append((e[-1] / e[0]) ** (1.0 / (len(e) - 1)))
+            errs.append(float((x_hat - xi).norm() / xi.norm()))
+        per[m] = {
+            "iterations_median": _median(iters),
+            "iterations_max": max(iters),
+            "oracle_iterations_median": _median([o for o in oracle if o is not None]),
+            "oracle_note": "first iterate whose true relative error is <= rtol",
+            "observed_rate_median": _median(rates),
+            "rate_note": "(final error / first error) ** (1 / (iterations - 1)): the "
+            "contraction actually seen, versus the bound c",
+            "rel_error_median": _median(errs),
+            "rel_error_max": max(errs),
+        }
+    nf_iters, nf_errs = [], []
+    for i in range(args.inverse_samples):
+        xi, yi = x_true[i : i + 1], y[i : i + 1]
+        x_nf, calls = nf_fixed_point_rule(net, yi)
+        nf_iters.append(calls)
+        nf_errs.append(float((x_nf - xi).norm() / xi.norm()))
+    per["normflows_rule"] = {
+        "evaluations_median": _median(nf_iters),
+        "rel_error_median": _median(nf_errs),
+        "rel_error_max": max(nf_errs),
+    }
+    out["per_sample"] = per
+    return out
+
+
+def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
+    import pyro.distributions as dist
+
+    from pyro_invres.flows import residual_flow
+
+    dim, hidden, n_blocks = 2, [64, 64], args.toy_blocks
+    torch.manual_seed(args.seed + 2)
+    common = {"explicit": "inverse", "lipschitz": LIPSCHITZ, "activation": "lipswish"}
+    flow = residual_flow(dim, n_blocks, hidden, logdet="exact", **common).to(device)
+    zeros = torch.zeros(dim, device=device)
+    model = dist.TransformedDistribution(dist.Normal(zeros, 1.0).to_event(1), [flow])
+    pool = data_pool(dim, 64 * 256, args.seed + 3).to(device)
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    t0 = time.perf_counter()
+    losses = []
+    for it in range(args.toy_steps):
+        x = pool[(it % 64) * 256 : (it % 64 + 1) * 256]
+        opt.zero_grad()
+        loss = -model.log_prob(x).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    train_seconds = time.perf_counter() - t0
+    state = flow.state_dict()
+
+    opts = {"atol": 0.0, "rtol": args.inverse_rtol, "max_iter": 10_000, **cold_start()}
+    flows = {}
+    for m in ("fixed_point", "anderson"):
+        f = residual_flow(dim, n_blocks, hidden, solver=m, **opts, **common)
+        f.load_state_dict(state)
+        flows[m] = f.to(device, torch.float64).eval()
+    blocks = {m: [p for p in f if hasattr(p, "solve_stats")] for m, f in flows.items()}
+
+    x_data = data_pool(dim, args.inverse_samples, args.seed + 4).to(device, torch.float64)
+    settle = {m: settle_spectral(f, lambda f=f: f.inv(x_data.clone())) for m, f in flows.items()}
+    lips = []
+    with torch.no_grad():
+        z = flows["fixed_point"].inv(x_data)  # explicit side: data -> latent
+        h = x_data
+        for part in reversed(list(flows["fixed_point"])):
+            if hasattr(part, "solve_stats"):
+                lips.append(float(jacobian_norms(part.nn, h).max()))
+            h = part.inv(h)
+    out: dict[str, Any] = {
+        "flow": f"residual_flow(2, num_blocks={n_blocks}, hidden_dims={hidden}, "
+        "explicit='inverse', lipschitz=0.9) + ActNorm, trained with logdet='exact'",
+        "training": {
+            "steps": args.toy_steps,
+            "batch": 256,
+            "lr": 3e-3,
+            "data": "8gaussians",
+            "final_loss_mean_last_20": float(np.mean(losses[-20:])),
+            "seconds": train_seconds,
+        },
+        "dtype": "float64",
+        "target": {"atol": 0.0, "rtol": args.inverse_rtol},
+        "max_jacobian_norm_per_block_at_data_path": lips[::-1],
+        "spectral_norm_settle": settle,
+        "n_samples": args.inverse_samples,
+        "what": "sampling direction x = f(z), z = f^{-1}(x_data): every block solve per sample",
+    }
+    for m, f in flows.items():
+        per_sample, per_block, errs = [], [], []
+        for i in range(args.inverse_samples):
+            for b in blocks[m]:
+                b.solve_stats.reset()
+            with torch.no_grad():
+                x_hat = f(z[i : i + 1].clone())
+            counts = [b.solve_stats.iterations for b in blocks[m]]
+            per_sample.append(sum(counts))
+            per_block.extend(counts)
+            xi = x_data[i : i + 1]
+            errs.append(float((x_hat - xi).norm() / xi.norm()))
+        out[m] = {
+            "iterations_per_sample_median": _median(per_sample),
+            "iterations_per_sample_max": max(per_sample),
+            "iterations_per_block_solve_median": _median(per_block),
+            "reconstruction_rel_error_median": _median(errs),
+            "reconstruction_rel_error_max": max(errs),
+        }
+    return out
+
+
+# -- profile --------------------------------------------------------------------------------
+def profile_step(args: Any, device: torch.device, config: str, impl: str) -> dict[str, Any]:
+    step = build_step(impl, config, str(device), args.seed, args.lipschitz_iters)
+    timer = PhaseTimer(device)
+    for _ in range(args.warmup):
+        timer.start()
+        step(timer)
+    prof = cProfile.Profile()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    prof.enable()
+    for _ in range(args.profile_steps):
+        timer.start()
+        step(timer)
+    prof.disable()
+    sync(device)
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    rows = []
+    total = max(v[3] for v in stats.stats.values())  # the outermost cumulative time
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({func})",
+                "ncalls_per_step": ncalls / args.profile_steps,
+                "tottime_ms_per_step": 1e3 * tottime / args.profile_steps,
+                "cumtime_ms_per_step": 1e3 * cumtime / args.profile_steps,
+            }
+        )
+    by_cum = sorted(rows, key=lambda r: -r["cumtime_ms_per_step"])[: args.profile_top]
+    by_tot = sorted(rows, key=lambda r: -r["tottime_ms_per_step"])[: args.profile_top]
+    return {
+        "impl": impl,
+        "config": config,
+        "steps": args.profile_steps,
+        "total_ms_per_step": 1e3 * total / args.profile_steps,
+        "top_cumulative": by_cum,
+        "top_self": by_tot,
+    }
+
+
+# -- main -----------------------------------------------------------------------------------
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="A,B")
+    parser.add_argument(
+        "--lipschitz-iters",
+        type=int,
+        default=50,
+        help="normflows update_lipschitz iterations per step (official example: 50)",
+    )
+    parser.add_argument("--mem-steps", type=int, default=2)
+    parser.add_argument("--skip-inverse", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--inverse-rtol", type=float, default=1e-6)
+    parser.add_argument("--inverse-batch", type=int, default=256)
+    parser.add_argument("--inverse-samples", type=int, default=32)
+    parser.add_argument("--inverse-time-reps", type=int, default=None)
+    parser.add_argument("--toy-steps", type=int, default=None)
+    parser.add_argument("--toy-blocks", type=int, default=4)
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="comma list of impls to cProfile on each config instead of "
+        "benchmarking (e.g. ours,nf_plain)",
+    )
+    parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--profile-top", type=int, default=20)
+    args = parser.parse_args()
+    quick = args.quick
+    args.reps = args.reps if args.reps is not None else (3 if quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    args.mem_reps = args.mem_reps if args.mem_reps is not None else 1
+    args.inverse_time_reps = args.inverse_time_reps or (3 if quick else 7)
+    args.toy_steps = args.toy_steps if args.toy_steps is not None else (20 if quick else 200)
+    if quick:
+        args.inverse_samples = min(args.inverse_samples, 8)
+        args.mem_steps = min(args.mem_steps, 2)
+    device = setup_device(args)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+
+    if args.profile:
+        result = {
+            "benchmark": "residual_flow_profile",
+            "env": env_info(device),
+            "profiles": [
+                profile_step(args, device, c, impl)
+                for c in configs
+                for impl in args.profile.split(",")
+            ],
+        }
+        for p in result["profiles"]:
+            print(
+                f"\n## cProfile {p['impl']} config {p['config']}: "
+                f"{p['total_ms_per_step']:.1f} ms/step (profiled)"
+            )
+            print(
+                markdown_table(
+                    ["function (by self time)", "calls/step", "self ms/step", "cum ms/step"],
+                    [
+                        [
+                            r["function"],
+                            r["ncalls_per_step"],
+                            r["tottime_ms_per_step"],
+                            r["cumtime_ms_per_step"],
+                        ]
+                        for r in p["top_self"]
+                    ],
+                )
+            )
+        out = args.out or RESULTS_DIR / f"residual_flow_profile_{device.type}.json"
+        print(f"\nwrote {write_json(result, out)}")
+        return
+
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {
+        "benchmark": "residual_flow",
+        "command": " ".join(sys.argv),
+        "env": env_info(device),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "estimator": estimator_description(args.lipschitz_iters),
+        "training": {},
+        "inverse": {},
+    }
+    sections: dict[str, float] = {}
+
+    def section(name: str, fn: Any, *a: Any) -> Any:
+        print(f"{name} ...", flush=True)
+        t0 = time.perf_counter()
+        value = fn(*a)
+        sections[name] = time.perf_counter() - t0
+        return value
+
+    if not args.skip_training:
+        for c in configs:
+            result["training"][c] = section(f"training {c}", bench_training, args, device, c)
+    if not args.skip_inverse:
+        for c in configs:
+            result["inverse"][f"random_block_{c}"] = section(
+                f"inverse random block {c}", bench_random_block, args, device, c
+            )
+        result["inverse"]["trained_toy_flow"] = section(
+            "inverse trained toy flow", bench_trained_flow, args, device
+        )
+    result["section_seconds"] = sections
+    result["wall_seconds"] = time.perf_counter() - t_start
+    out = args.out or RESULTS_DIR / f"residual_flow_{device.type}.json"
+    path = write_json(result, out)
+    print_tables(result)
+    print(f"\nwrote {path} ({result['wall_seconds']:.0f} s)")
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    env = result["env"]
+    print(
+        f"\n# Residual flow benchmark ({env['device']}, torch {env['torch']}, "
+        f"{env['torch_threads']} thread(s), {env['cpu']})"
+    )
+    if result["training"]:
+        rows = []
+        for c, r in result["training"].items():
+            cfg = r["config"]
+            t = r["timing_seconds"]["impls"]
+            mem = r["peak_memory"]
+            for name in t:
+                ms = 1e3 * t[name]["total"]["median"]
+                upd = t[name]["phases"].get("update_lipschitz", {}).get("median", 0.0)
+                m = mem.get(name, {}).get("median_bytes")
+                rows.append(
+                    [
+                        f"{c}: D={cfg['dim']}, K={cfg['num_blocks']}, h={cfg['hidden']}, "
+                        f"B={cfg['batch']}",
+                        name,
+                        ms,
+                        1e3 * upd,
+                        mib(m) if m is not None else "-",
+                    ]
+                )
+        print("\n## Training step (median over interleaved rounds)\n")
+        print(
+            markdown_table(
+                ["config", "impl", "step ms", "of which update_lipschitz ms", "peak train MiB"],
+                rows,
+            )
+        )
+        rows = []
+        for c, r in result["training"].items():
+            tr = r["time_ratios"]
+            mr = r["peak_memory"].get("ratios", {})
+            for key in tr:
+                if key == "excluding_update_lipschitz_of_medians":
+                    continue
+                rows.append(
+                    [
+                        c,
+                        key,
+                        tr[key]["of_medians"],
+                        tr[key]["median_of_paired"],
+                        tr["excluding_update_lipschitz_of_medians"][key],
+                        mr.get(key, "-"),
+                    ]
+                )
+        print("\n## Ratios (ours / normflows; < 1: ours is faster / smaller)\n")
+        print(
+            markdown_table(
+                [
+                    "config",
+                    "ratio",
+                    "time (medians)",
+                    "time (paired rounds)",
+                    "time w/o nf update_lipschitz",
+                    "peak memory",
+                ],
+                rows,
+            )
+        )
+    if result["inverse"]:
+        rows = []
+        for key, r in result["inverse"].items():
+            if not key.startswith("random_block"):
+                continue
+            b, p = r["batch_solve"], r["per_sample"]
+            for m in ("fixed_point", "anderson"):
+                rows.append(
+                    [
+                        f"D={r['dim']} h={r['hidden']}",
+                        m,
+                        b[m]["iterations"],
+                        b[m]["forward_pass_equivalents"],
+                        b[m]["max_rel_error"],
+                        p[m]["iterations_median"],
+                        p[m]["oracle_iterations_median"],
+                        p[m]["observed_rate_median"],
+                        p[m]["rel_error_max"],
+                    ]
+                )
+            rows.append(
+                [
+                    f"D={r['dim']} h={r['hidden']}",
+                    "normflows rule",
+                    b["normflows_rule"]["evaluations"],
+                    "-",
+                    b["normflows_rule"]["max_rel_error"],
+                    p["normflows_rule"]["evaluations_median"],
+                    "-",
+                    "-",
+                    p["normflows_rule"]["rel_error_max"],
+                ]
+            )
+        print(
+            f"\n## Inverting a random c=0.9 block to rtol "
+            f"{result['settings']['inverse_rtol']:g} (float64)\n"
+        )
+        print(
+            markdown_table(
+                [
+                    "block",
+                    "solver",
+                    "batch iters",
+                    "batch fwd-pass equiv.",
+                    "batch max rel err",
+                    "per-sample median iters",
+                    "per-sample oracle iters",
+                    "observed rate",
+                    "per-sample max rel err",
+                ],
+                rows,
+            )
+        )
+        toy = result["inverse"].get("trained_toy_flow")
+        if toy:
+            rows = [
+                [
+                    m,
+                    toy[m]["iterations_per_sample_median"],
+                    toy[m]["iterations_per_block_solve_median"],
+                    toy[m]["reconstruction_rel_error_max"],
+                ]
+                for m in ("fixed_point", "anderson")
+            ]
+            lips = ", ".join(f"{v:.2f}" for v in toy["max_jacobian_norm_per_block_at_data_path"])
+            print(
+                f"\n## Trained toy flow ({toy['training']['steps']} steps; max ||J_g|| per "
+                f"block on the data path: {lips})\n"
+            )
+            print(
+                markdown_table(
+                    [
+                        "solver",
+                        "iters per sample (median, all blocks)",
+                        "iters per block solve (median)",
+                        "max reconstruction rel err",
+                    ],
+                    rows,
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
