@@ -1,0 +1,741 @@
+"""Fit a flow to data by maximum likelihood, the Pyro way, with safe checkpoints.
+
+:func:`fit_density` turns a flow into the density
+
+.. math::
+
+    p(x) = \\mathcal{N}(f^{-1}(x); 0, I)\\,\\left|\\det J_{f^{-1}}(x)\\right|
+
+(a :class:`~pyro.distributions.TransformedDistribution` of a standard normal), writes a
+Pyro model that observes mini-batches of the data under a subsampled ``pyro.plate``,
+pairs it with an empty guide, and runs :class:`~pyro.infer.SVI` with ``Trace_ELBO``.
+With no latent variables the ELBO *is* the log-likelihood, so each step maximises
+
+.. math::
+
+    \\frac{1}{B} \\sum_{i \\in \\text{batch}} \\log p(x_i)
+
+(the model is scaled by ``1/N``: losses read directly as nats per sample).
+
+For residual flows, build the flow with ``explicit="inverse"`` (as :func:`build_flow`
+does) so that scoring data is one explicit pass per block and only sampling iterates.
+
+Checkpoints are written atomically (a temporary file in the same directory, ``fsync``,
+``os.replace``): a crash or a full disk mid-write never leaves a half-written file where
+the last good checkpoint was, and a non-finite loss stops training *before* anything is
+written. They hold the flow's ``state_dict``, the optimiser state
+(``svi.optim.get_state()``), the step, the RNG states and the config that rebuilds the
+flow, and they load with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import ExponentialLR, PyroLRScheduler
+from torch import Tensor
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FLOWS",
+    "CheckpointError",
+    "FitResult",
+    "NonFiniteLossError",
+    "build_flow",
+    "evaluate_nll",
+    "fit_density",
+    "inverse_iterations",
+    "load_checkpoint",
+    "load_flow",
+    "make_density",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "pyro_invres.checkpoint/1"
+
+#: Names accepted by :func:`build_flow`.
+FLOWS: tuple[str, ...] = ("iresnet", "revnet", "additive", "affine", "pyro-affine")
+
+_NON_FINITE = re.compile(r"non-finite|\b(nan|inf)\b", re.IGNORECASE)
+_REQUIRED_KEYS = ("format", "step", "flow_state", "optim_state", "rng", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted, or does not fit the flow."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or parameter; ``step`` says when.
+
+    Attributes:
+        step: the 1-based optimisation step at which it happened.
+        loss: the loss of that step.
+    """
+
+    def __init__(self, step: int, loss: float, detail: str = "") -> None:
+        self.step = int(step)
+        self.loss = float(loss)
+        what = f"non-finite loss ({loss})" if not math.isfinite(loss) else "non-finite parameters"
+        super().__init__(
+            f"{what} at step {step}; training stopped and no checkpoint was written for it"
+            f"{detail} (try a lower lr or a smaller clip_norm)"
+        )
+
+
+# -- flows by name ------------------------------------------------------------------------------
+def _iresnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    from .flows import residual_flow
+
+    cfg.setdefault("explicit", "inverse")
+    cfg.setdefault("num_blocks", 4)
+    return residual_flow(input_dim, **cfg)
+
+
+def _pyro_affine_flow(
+    input_dim: int, num_blocks: int = 4, hidden_dims: Sequence[int] | None = None
+) -> TransformModule:
+    from pyro.distributions.transforms import Permute, affine_coupling
+
+    if input_dim < 2:
+        raise ValueError(f"pyro-affine coupling needs input_dim >= 2, got {input_dim}")
+    hidden = [max(64, 10 * input_dim)] * 2 if hidden_dims is None else list(hidden_dims)
+    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
+    parts: list[Any] = []
+    for _ in range(int(num_blocks)):
+        parts += [affine_coupling(input_dim, hidden_dims=hidden), Permute(reverse)]
+    return ComposeTransformModule(parts[:-1])
+
+
+def _optional_factory(module: str, name: str, flow: str) -> Any:
+    """``pyro_invres.<module>.<name>``, imported on first use, or a clear error."""
+    import importlib
+
+    try:
+        factory = getattr(importlib.import_module(f"pyro_invres.{module}"), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"flow {flow!r} needs pyro_invres.{module}.{name}, which this installation lacks "
+            f"({err}); choose another of {', '.join(FLOWS)}"
+        ) from err
+    return factory
+
+
+def _stack(
+    factory: Any,
+    input_dim: int,
+    num_blocks: int = 4,
+    permute: bool = True,
+    **options: Any,
+) -> TransformModule:
+    """``num_blocks`` blocks with ActNorm after each and, if ``permute``, a reversal between."""
+    from .transforms.actnorm import ActNorm
+
+    if int(num_blocks) < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if input_dim < 2:
+        raise ValueError(f"coupling blocks need input_dim >= 2, got {input_dim}")
+    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
+    parts: list[Any] = []
+    for k in range(int(num_blocks)):
+        if permute and k > 0:
+            parts.append(dist.transforms.Permute(reverse))
+        parts += [factory(input_dim, **options), ActNorm(input_dim)]
+    return ComposeTransformModule(parts)
+
+
+def _revnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    factory = _optional_factory("transforms.revnet", "revnet_block", "revnet")
+    return _stack(factory, input_dim, permute=False, **cfg)
+
+
+def _additive_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    factory = _optional_factory("transforms.coupling", "additive_coupling", "additive")
+    return _stack(factory, input_dim, **cfg)
+
+
+def _affine_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    factory = _optional_factory("transforms.coupling", "affine_coupling", "affine")
+    return _stack(factory, input_dim, **cfg)
+
+
+_BUILDERS = {
+    "iresnet": _iresnet_flow,
+    "revnet": _revnet_flow,
+    "additive": _additive_flow,
+    "affine": _affine_flow,
+    "pyro-affine": _pyro_affine_flow,
+}
+
+
+def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
+    """Build a flow for density estimation on ``R^input_dim`` from its name and options.
+
+    The flow remembers how it was built in ``flow.flow_config`` (plain types only), which
+    :func:`fit_density` stores in checkpoints and :func:`load_flow` uses to rebuild it.
+
+    =============== ==================================================================
+    ``iresnet``     :func:`~pyro_invres.residual_flow` with ``explicit="inverse"``
+                    (scoring data is explicit; options ``num_blocks``, ``hidden_dims``,
+                    ``activation``, ``lipschitz``, ``logdet``, ...)
+    ``revnet``      :func:`~pyro_invres.transforms.revnet.revnet_block` stack
+                    (options ``num_blocks``, ``hidden_dims``, ``affine``, ``activation``)
+    ``additive``    :func:`~pyro_invres.transforms.coupling.additive_coupling` stack,
+                    halves swapped between blocks
+    ``affine``      :func:`~pyro_invres.transforms.coupling.affine_coupling` stack
+    ``pyro-affine`` Pyro's own ``affine_coupling`` blocks with reversing permutations,
+                    for comparison
+    =============== ==================================================================
+
+    Every stack but ``pyro-affine`` puts an :class:`~pyro_invres.ActNorm` after each block.
+
+    Arguments:
+        name: one of :data:`FLOWS`.
+        input_dim: the dimension ``D`` of the data.
+        **cfg: options of the named flow (ints, floats, strings and lists of them).
+
+    Raises:
+        ValueError: for an unknown name, or a flow whose module is not installed.
+
+    Example:
+        >>> flow = build_flow("iresnet", 2, num_blocks=2, hidden_dims=[16])
+        >>> flow.flow_config
+        {'name': 'iresnet', 'input_dim': 2, 'num_blocks': 2, 'hidden_dims': [16]}
+    """
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown flow {name!r}; choose from {', '.join(FLOWS)}")
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    flow = builder(input_dim, **dict(config))
+    flow.flow_config = {"name": name, "input_dim": input_dim, **config}
+    return flow
+
+
+# -- densities and evaluation ---------------------------------------------------------------------
+def make_density(
+    flow: TransformModule,
+    event_shape: Sequence[int],
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dist.TransformedDistribution:
+    """The flow pushed forward from a standard normal base of shape ``event_shape``.
+
+    Example:
+        >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8])
+        >>> make_density(flow, (2,)).log_prob(torch.zeros(3, 2)).shape
+        torch.Size([3])
+    """
+    shape = tuple(int(s) for s in event_shape)
+    loc = torch.zeros(shape, device=device, dtype=dtype)
+    base = dist.Normal(loc, torch.ones_like(loc)).to_event(len(shape))
+    return dist.TransformedDistribution(base, flow)
+
+
+def inverse_iterations(flow: torch.nn.Module) -> int:
+    """Total fixed-point iterations run so far by the blocks that count them.
+
+    Sums ``solve_stats.iterations`` over every submodule that has ``solve_stats``
+    (:class:`~pyro_invres.InvertibleResidual`); 0 for flows without iterative blocks.
+
+    Example:
+        >>> inverse_iterations(build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8]))
+        0
+    """
+    total = 0
+    for module in flow.modules():
+        stats = getattr(module, "solve_stats", None)
+        if stats is not None:
+            total += int(stats.iterations)
+    return total
+
+
+@contextlib.contextmanager
+def _logdet_method(flow: torch.nn.Module, method: str | None) -> Iterator[None]:
+    """Temporarily switch every block that has a ``logdet`` option to ``method``."""
+    saved = []
+    if method is not None:
+        for module in flow.modules():
+            if isinstance(getattr(module, "logdet", None), str):
+                saved.append((module, module.logdet))
+                module.logdet = method
+    try:
+        yield
+    finally:
+        for module, value in saved:
+            module.logdet = value
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def evaluate_nll(
+    flow: TransformModule,
+    data: Tensor,
+    *,
+    batch_size: int = 4096,
+    logdet: str | None = None,
+) -> float:
+    """Mean negative log-likelihood of ``data`` (nats per sample), in eval mode.
+
+    Runs under ``torch.no_grad()`` with the flow in eval mode (restored afterwards).
+
+    Arguments:
+        flow: the flow; ``data`` lives on the flow's device, in its dtype.
+        data: ``(N, *event_shape)``.
+        batch_size: samples scored at once.
+        logdet: switch the blocks' log-det estimator for this evaluation (``"exact"``
+            removes the roulette estimator's noise; it costs ``D`` backward passes).
+
+    Example:
+        >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8])
+        >>> nll = evaluate_nll(flow, torch.randn(100, 2))
+        >>> 2.0 < nll < 4.0
+        True
+    """
+    if data.dim() < 2 or len(data) == 0:
+        raise ValueError(f"data must be a non-empty batch (N, *event_shape), got {data.shape}")
+    density = make_density(flow, data.shape[1:], data.device, data.dtype)
+    total = 0.0
+    with _eval_mode(flow), _logdet_method(flow, logdet), torch.no_grad():
+        for chunk in data.split(int(batch_size)):
+            total += float(density.log_prob(chunk).sum())
+    return -total / len(data)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "random": [version, list(keys), gauss],
+        "numpy": [name, torch.as_tensor(np_keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, keys, gauss = state["random"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not every OS opens directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: whole, or not at all.
+
+    The bytes go to a temporary file in the same directory, which is flushed,
+    ``fsync``-ed and then renamed over ``path`` with :func:`os.replace` (atomic on POSIX
+    and Windows). Whatever happens mid-write, ``path`` holds either the previous
+    checkpoint or the new one.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.pt"
+        >>> save_checkpoint(p, {"x": torch.ones(2)}) == p, torch.load(p)["x"].sum().item()
+        (True, 2.0)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`fit_density`, safely.
+
+    Uses ``torch.load(..., weights_only=True)``: no code in the file is executed.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupted, or not a checkpoint of
+            this package (the message says which).
+
+    Example:
+        >>> load_checkpoint("/no/such/file.pt")
+        Traceback (most recent call last):
+        ...
+        pyro_invres.train.CheckpointError: no checkpoint at /no/such/file.pt
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged files
+        text = " ".join(str(err).split())
+        reason = text.split(". ")[0][:200] if text else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated or corrupted ({reason[:200]})"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a pyro-invres checkpoint ({CHECKPOINT_FORMAT})")
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return state
+
+
+def load_flow(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TransformModule:
+    """Rebuild the flow stored in a checkpoint (a path or a loaded dict), in eval mode.
+
+    Raises:
+        CheckpointError: unreadable file, no flow config, or weights that do not fit.
+    """
+    state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    config = dict((state.get("config") or {}).get("flow") or {})
+    if "name" not in config or "input_dim" not in config:
+        raise CheckpointError("the checkpoint has no flow config to rebuild the flow from")
+    name, input_dim = config.pop("name"), config.pop("input_dim")
+    try:
+        flow = build_flow(name, input_dim, **config)
+        flow.load_state_dict(state["flow_state"])
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot rebuild the flow from the checkpoint: {err}") from err
+    return flow.eval()
+
+
+# -- training -------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    """What :func:`fit_density` returns.
+
+    Attributes:
+        losses: the loss of every step (mean NLL of the batch, nats per sample).
+        train_nll: NLL of the training data (up to ``eval_max`` samples) in eval mode.
+        test_nll: NLL of ``test_data`` in eval mode, or ``None``.
+        wall_time: seconds spent in the optimisation steps of this call.
+        eval_time: seconds spent on the final evaluation.
+        inverse_iterations: fixed-point iterations the blocks ran during this call.
+        steps: the step reached (the total, counting resumed steps).
+        start_step: the step training started (or resumed) from.
+        checkpoint_path: where the checkpoint was written, if anywhere.
+    """
+
+    losses: list[float]
+    train_nll: float
+    test_nll: float | None
+    wall_time: float
+    eval_time: float
+    inverse_iterations: int
+    steps: int
+    start_step: int = 0
+    checkpoint_path: str | None = None
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the per-step losses, as plain JSON-able types."""
+        out = asdict(self)
+        out.pop("losses")
+        out["final_loss"] = self.losses[-1] if self.losses else None
+        return out
+
+
+def _all_finite(params: Sequence[Tensor]) -> bool:
+    if not params:
+        return True
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
+def _as_plain(value: Any) -> Any:
+    """Config values as the types ``weights_only`` loading and JSON accept."""
+    if isinstance(value, Mapping):
+        return {str(k): _as_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def fit_density(
+    flow: TransformModule,
+    data: Tensor,
+    *,
+    steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    test_data: Tensor | None = None,
+    device: str | torch.device = "cpu",
+    clip_norm: float | None = 10.0,
+    lr_final: float = 1.0,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    logdet_eval: str | None = None,
+    eval_max: int = 10_000,
+    progress: bool = True,
+) -> FitResult:
+    """Fit ``flow`` to ``data`` by maximum likelihood with Pyro's SVI.
+
+    The model observes a random batch of ``batch_size`` rows each step::
+
+        def model(data):
+            pyro.module("flow", flow)
+            with pyro.plate("data", N, subsample_size=batch_size) as idx:
+                with poutine.scale(scale=1 / N):
+                    pyro.sample("x", density, obs=data[idx])
+
+    with an empty guide, ``Trace_ELBO`` and Adam (``pyro.optim.ExponentialLR`` over
+    ``torch.optim.Adam``: each parameter's gradient norm is clipped at ``clip_norm`` and
+    the learning rate decays geometrically from ``lr`` to ``lr * lr_final`` over
+    ``steps``). Pyro's ``ClippedAdam`` is avoided on purpose: it updates ``p.data``, which
+    does not bump the parameters' version counters, so the blocks' spectral
+    normalisation and caches would not notice the update.
+
+    Parameters live in a private scope of Pyro's param store, so the global store is
+    left as it was and a second fit in the same process never picks up the first one's
+    parameters. Seeds torch, ``random`` and numpy with ``seed`` (``pyro.set_rng_seed``).
+
+    A non-finite loss or parameter raises :class:`NonFiniteLossError` naming the step,
+    before any checkpoint of that step is written: the last good checkpoint stays.
+
+    Arguments:
+        flow: a flow mapping base noise to data; build residual flows with
+            ``explicit="inverse"`` (:func:`build_flow` does) so scoring is explicit.
+        data: training data ``(N, *event_shape)``.
+        steps: the total number of optimisation steps (counting resumed ones).
+        batch_size: rows per step (at most ``N``).
+        lr: the initial learning rate.
+        seed: seeds every RNG before training (ignored on resume: the checkpoint's RNG
+            states are restored instead).
+        test_data: held-out data scored at the end, in eval mode under ``no_grad``.
+        device: where to train; the flow and the data are moved there.
+        clip_norm: the largest gradient norm of each parameter tensor (``None``: no clipping).
+        lr_final: the final learning rate as a fraction of ``lr``.
+        checkpoint_path: write checkpoints there (atomically), every ``checkpoint_every``
+            steps and at the end.
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint_path`` if it exists; the run then continues
+            exactly as an uninterrupted one would (parameters, optimiser and RNG states).
+        config: how to rebuild the flow, stored in the checkpoint under ``"flow"``
+            (default: ``flow.flow_config``, set by :func:`build_flow`).
+        metadata: anything else to store with it under ``"metadata"`` (plain types), such
+            as the name of the data set.
+        logdet_eval: log-det estimator for the final evaluation (``None``: the blocks' own).
+        eval_max: at most this many training rows are scored for ``train_nll``.
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        A :class:`FitResult`; the flow is trained in place and left in training mode.
+
+    Raises:
+        NonFiniteLossError: when a step's loss or the parameters after it are not finite.
+        CheckpointError: when ``resume`` finds an unreadable or mismatched checkpoint.
+
+    Example:
+        >>> from pyro_invres.datasets import sample_toy
+        >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[16])
+        >>> result = fit_density(flow, sample_toy("moons", 512, seed=0), steps=20,
+        ...                      batch_size=128, lr=1e-2, progress=False)
+        >>> len(result.losses), result.losses[-1] < result.losses[0]
+        (20, True)
+    """
+    _check_fit_args(data, steps, batch_size, lr, checkpoint_every, resume, checkpoint_path)
+    device = torch.device(device)
+    flow.to(device)
+    flow.train()
+    data = data.to(device)
+    n_data, event_shape = len(data), tuple(data.shape[1:])
+    batch_size = min(int(batch_size), n_data)
+    flow_config = dict(config) if config is not None else getattr(flow, "flow_config", None)
+    run_config = {
+        "flow": _as_plain(flow_config),
+        "fit": _as_plain(
+            {
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "lr_final": lr_final,
+                "clip_norm": clip_norm,
+                "seed": seed,
+                "event_shape": list(event_shape),
+            }
+        ),
+        "metadata": _as_plain(dict(metadata or {})),
+    }
+    density = make_density(flow, event_shape, device, data.dtype)
+
+    def model(batch_source: Tensor) -> None:
+        pyro.module("flow", flow)
+        with pyro.plate("data", n_data, subsample_size=batch_size, device=device) as idx:
+            with poutine.scale(scale=1.0 / n_data):
+                pyro.sample("x", density, obs=batch_source[idx])
+
+    def guide(batch_source: Tensor) -> None:
+        pass
+
+    # torch's Adam, not Pyro's ClippedAdam: ClippedAdam writes through ``p.data``, which
+    # leaves ``p._version`` unchanged, and the blocks detect parameter updates by it.
+    optim = ExponentialLR(
+        {
+            "optimizer": torch.optim.Adam,
+            "optim_args": {"lr": lr},
+            "gamma": float(lr_final) ** (1.0 / steps),
+        },
+        clip_args=None if clip_norm is None else {"clip_norm": clip_norm},
+    )
+    pyro.set_rng_seed(seed)
+    start, losses = 0, []
+    if resume and Path(checkpoint_path).is_file():  # type: ignore[arg-type]
+        start, losses = _restore(flow, optim, load_checkpoint(checkpoint_path), steps)  # type: ignore[arg-type]
+
+    iterations_before = inverse_iterations(flow)
+    with pyro.get_param_store().scope():
+        svi = SVI(model, guide, optim, Trace_ELBO(max_plate_nesting=1))
+        params = list(flow.parameters())
+        wall = time.perf_counter()
+        bar = _progress(range(start, steps), progress, start, steps)
+        where = f"; {checkpoint_path} holds the last good state" if checkpoint_path else ""
+        for step in bar:
+            try:
+                loss = svi.step(data)
+            except ValueError as err:
+                # with Pyro's validation on, a nan or inf inside the flow is caught by a
+                # support or input check before it reaches the loss
+                if _all_finite(params) and not _NON_FINITE.search(str(err)):
+                    raise
+                raise NonFiniteLossError(step + 1, math.nan, where) from err
+            optim.step()  # the learning-rate schedule
+            if not math.isfinite(loss) or not _all_finite(params):
+                raise NonFiniteLossError(step + 1, loss, where)
+            losses.append(float(loss))
+            if progress and (step % 10 == 0 or step + 1 == steps):
+                bar.set_postfix(nll=f"{loss:.3f}", refresh=False)
+            if checkpoint_path is not None and (
+                (step + 1) % checkpoint_every == 0 or step + 1 == steps
+            ):
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step + 1,
+                    "flow_state": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
+                    "optim_state": svi.optim.get_state(),
+                    "rng": _rng_state(),
+                    "config": run_config,
+                    "losses": list(losses),
+                }
+                save_checkpoint(checkpoint_path, state)
+        wall = time.perf_counter() - wall
+        iterations = inverse_iterations(flow) - iterations_before
+
+    evaluation = time.perf_counter()
+    train_rows = data[: int(eval_max)]
+    train_nll = evaluate_nll(flow, train_rows, logdet=logdet_eval)
+    test_nll = None
+    if test_data is not None:
+        test_nll = evaluate_nll(flow, test_data.to(device, data.dtype), logdet=logdet_eval)
+    return FitResult(
+        losses=losses,
+        train_nll=train_nll,
+        test_nll=test_nll,
+        wall_time=wall,
+        eval_time=time.perf_counter() - evaluation,
+        inverse_iterations=iterations,
+        steps=steps,
+        start_step=start,
+        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
+        config=run_config,
+    )
+
+
+def _check_fit_args(
+    data: Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    checkpoint_every: int,
+    resume: bool,
+    checkpoint_path: object,
+) -> None:
+    if not isinstance(data, Tensor) or data.dim() < 2 or len(data) < 2:
+        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data must be a tensor (N >= 2, *event_shape), got {shape}")
+    if not data.is_floating_point():
+        raise ValueError(f"data must be floating point, got {data.dtype}")
+    for name, value in [("steps", steps), ("batch_size", batch_size)]:
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs a checkpoint_path")
+
+
+def _restore(
+    flow: TransformModule, optim: PyroLRScheduler, state: Mapping[str, Any], steps: int
+) -> tuple[int, list[float]]:
+    step = int(state["step"])
+    if step > steps:
+        raise CheckpointError(f"the checkpoint is at step {step}, past steps={steps}")
+    try:
+        flow.load_state_dict(state["flow_state"])
+    except RuntimeError as err:
+        raise CheckpointError(f"the checkpoint does not fit this flow: {err}") from err
+    optim.set_state(state["optim_state"])
+    _set_rng_state(state["rng"])
+    return step, [float(v) for v in state.get("losses", [])]
+
+
+def _progress(steps: range, enabled: bool, start: int, total: int) -> Any:
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, initial=start, total=total, desc="fit", file=sys.stderr, leave=False)
