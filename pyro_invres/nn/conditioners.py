@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from pyro.distributions import is_validation_enabled
 from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import Tensor, nn
 
@@ -197,6 +199,21 @@ class ContextBound(nn.Module):
 
     def __init__(self, net: nn.Module, context: Tensor) -> None:
         super().__init__()
+        if not isinstance(context, Tensor):
+            raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
+        reference = next(net.parameters(), None)
+        if reference is not None and context.dtype != reference.dtype:
+            raise ValueError(
+                f"context has dtype {context.dtype} but the parameters are "
+                f"{reference.dtype}; convert the context or call .to({context.dtype})"
+            )
+        if reference is not None and context.device != reference.device:
+            raise ValueError(
+                f"context is on {context.device} but the parameters are on "
+                f"{reference.device}; move it with .to(device)"
+            )
+        if is_validation_enabled() and not bool(torch.isfinite(context).all()):
+            raise ValueError("context has non-finite values (nan or inf)")
         self.net = net
         self.context = context
 

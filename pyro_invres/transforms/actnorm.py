@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import pyro.distributions as pdist
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
@@ -75,25 +76,43 @@ class ActNorm(InvertibleModule):
         if not self.training or bool(self.initialized):
             return
         n_batch = data.dim() - self.event_dim
-        # channels first, everything else pooled
-        flat = data.movedim(n_batch, 0).reshape(self.num_features, -1)
-        stats = torch.stack([flat.sum(1), (flat * flat).sum(1)])
+        # channels first, everything else pooled; statistics in float64 (x * x overflows
+        # float32 above 1.8e19) and in two passes (E[x^2] - E[x]^2 cancels for data far
+        # from zero: float32 data at 1e4 +- 1 gave a standard deviation of 0)
+        acc = torch.float64 if data.device.type != "mps" else torch.float32
+        flat = data.movedim(n_batch, 0).reshape(self.num_features, -1).to(acc)
+        total = flat.sum(1)
         samples = torch.tensor(
             [float(math.prod(data.shape[:n_batch])), float(flat.shape[1])],
-            dtype=data.dtype,
+            dtype=acc,
             device=data.device,
         )
-        if torch_dist.is_available() and torch_dist.is_initialized():
+        distributed = torch_dist.is_available() and torch_dist.is_initialized()
+        if distributed:
             # every rank joins the collectives and the decision is taken on the pooled
             # counts, so a rank with a batch of one cannot desynchronise the others
-            torch_dist.all_reduce(stats)
+            torch_dist.all_reduce(total)
             torch_dist.all_reduce(samples)
         if samples[0] < 2:
             return
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "ActNorm: initialise it (one training-mode call on a batch of at least two) "
+                "before tracing; a trace would freeze the initialisation branch"
+            )
         count = samples[1]
-        mean = stats[0] / count
-        var = (stats[1] / count - mean * mean).clamp_min(0.0)
-        std = var.sqrt().clamp_min(self.eps)
+        mean = total / count
+        spread = (flat - mean[:, None]).square().sum(1)
+        if distributed:
+            torch_dist.all_reduce(spread)
+        std = (spread / count).sqrt().clamp_min(self.eps)
+        finite = torch.isfinite(mean).all() & torch.isfinite(std).all()
+        if pdist.is_validation_enabled() and not bool(finite):
+            raise ValueError(
+                "ActNorm: cannot initialise from data this large "
+                f"(max |x| = {data.abs().max().item():.3g}); rescale the data"
+            )
+        mean, std = mean.to(self.bias.dtype), std.to(self.bias.dtype)
         if data_is_output:
             # data arrives at _inverse: x = (y - b) e^{-s} standardised
             self.log_scale.copy_(std.log())

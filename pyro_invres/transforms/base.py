@@ -249,6 +249,11 @@ class InvertibleModule(TransformModule):
         memo = self._memo_for(x, y)
         if isinstance(memo, Tensor):
             return memo
+        x_old, y_old = getattr(self, "_cached_x_y", (None, None))
+        if not (x is x_old and y is y_old):
+            # a pair this block did not just compute: check it like any input
+            self._validate(x, "input of log_abs_det_jacobian")
+            self._validate(y, "output given to log_abs_det_jacobian", self.output_shape)
         value = self._log_abs_det_jacobian(x, y, memo)
         if memo is not None:
             # keep the number, drop whatever graph-building state produced it

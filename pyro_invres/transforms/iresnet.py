@@ -226,6 +226,21 @@ class InvertibleResidual(InvertibleModule):
         }
         self.solve_stats = SolveStats()
 
+    def _state_key(self) -> tuple:
+        # a changed estimator or its options must not be answered from the memo
+        options = (
+            self.logdet,
+            self.exact_max_dim,
+            self.n_exact_terms,
+            self.roulette,
+            self.roulette_param,
+            self.n_series_terms,
+            self.n_probes,
+            self.probe,
+            self.gradient,
+        )
+        return (*super()._state_key(), options)
+
     # -- the two directions -----------------------------------------------------------------
     def _explicit(self, z: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
