@@ -251,10 +251,8 @@ def _format_references(app, what, name, obj, options, lines) -> None:  # noqa: A
     Each entry becomes one bullet on one line, arXiv ids become links; napoleon then
     renders the section as usual. Runs before napoleon (priority 400 < 500).
     """
-    for start, line in enumerate(lines):
-        if line.strip() == "References:":
-            break
-    else:
+    start = next((i for i, line in enumerate(lines) if line.strip() == "References:"), None)
+    if start is None:
         return
     indent = len(lines[start]) - len(lines[start].lstrip())
     end = start + 1
@@ -288,7 +286,9 @@ def _package_modules() -> set[str]:
 def _check_coverage(app, env) -> None:  # noqa: ANN001
     documented = set(env.get_domain("py").modules) | OPTIONAL_MODULES
     for modname in sorted(_package_modules() - documented):
-        logger.warning(f"{modname} has no API page: add '.. invres-module:: {modname}' to docs/api/")
+        logger.warning(
+            f"{modname} has no API page: add '.. invres-module:: {modname}' to docs/api/"
+        )
 
 
 def setup(app):  # noqa: ANN001, ANN201
