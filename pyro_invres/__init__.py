@@ -22,6 +22,7 @@ from .transforms import (
     InvertibleDownsampling,
     InvertibleModule,
     InvertibleResidual,
+    ReversibleStack,
     RevNetBlock,
     SolveStats,
     actnorm,
@@ -36,6 +37,7 @@ from .transforms import (
     invertible_conv1x1,
     invertible_downsampling,
     iresnet,
+    reversible_stack,
     revnet_block,
 )
 
@@ -58,6 +60,7 @@ __all__ = [
     "InvertibleDownsampling",
     "InvertibleModule",
     "InvertibleResidual",
+    "ReversibleStack",
     "RevNetBlock",
     "SolveStats",
     "actnorm",
@@ -78,5 +81,6 @@ __all__ = [
     "nn",
     "ops",
     "residual_flow",
+    "reversible_stack",
     "revnet_block",
 ]

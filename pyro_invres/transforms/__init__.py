@@ -27,6 +27,7 @@ from .iresnet import (
     conditional_iresnet,
     iresnet,
 )
+from .reversible import ReversibleStack, reversible_stack
 from .revnet import ConditionalRevNetBlock, RevNetBlock, conditional_revnet_block, revnet_block
 from .subset import ChannelSubset
 
@@ -45,6 +46,7 @@ __all__ = [
     "InvertibleDownsampling",
     "InvertibleModule",
     "InvertibleResidual",
+    "ReversibleStack",
     "RevNetBlock",
     "SolveStats",
     "actnorm",
@@ -59,5 +61,6 @@ __all__ = [
     "invertible_downsampling",
     "inverse",
     "iresnet",
+    "reversible_stack",
     "revnet_block",
 ]
