@@ -160,3 +160,18 @@ def test_updates_through_p_data_are_seen_by_the_cache_and_the_spectral_norm():
     assert losses[-1] < losses[0]
     d.log_prob(data)
     assert not torch.equal(sn.u, u_before)  # refreshed after a p.data update
+
+
+def test_deepcopy_after_a_grad_mode_call():
+    # (pickling spectrally normalised modules is refused by torch's parametrize: use
+    # state_dict, which is tested elsewhere)
+    import copy
+
+    torch.manual_seed(0)
+    flow = residual_flow(2, num_blocks=2, hidden_dims=[8])
+    d = dist.TransformedDistribution(normal(2), flow)
+    y = d.rsample((4,))
+    d.log_prob(y).sum().backward()
+    clone = copy.deepcopy(flow)
+    x = torch.randn(3, 2)
+    assert torch.equal(clone(x), flow(x.clone()))

@@ -159,6 +159,20 @@ class InvertibleModule(TransformModule):
             self.__dict__["_param_list"] = params
         return params
 
+    def __getstate__(self) -> dict:
+        # the cache and memo hold graph-carrying tensors: not part of a copy or a pickle
+        state = super().__getstate__()
+        state = dict(state)
+        state.update(
+            _cached_x_y=(None, None),
+            _cache_key=None,
+            _checksum=None,
+            _ladj_memo=None,
+            _pending_memo=None,
+            _param_list=None,
+        )
+        return state
+
     def _apply(self, *args: object, **kwargs: object) -> InvertibleModule:
         self.__dict__["_param_list"] = None
         return super()._apply(*args, **kwargs)
