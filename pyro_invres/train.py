@@ -532,9 +532,7 @@ def fit_density(
     with an empty guide, ``Trace_ELBO`` and Adam (``pyro.optim.ExponentialLR`` over
     ``torch.optim.Adam``: each parameter's gradient norm is clipped at ``clip_norm`` and
     the learning rate decays geometrically from ``lr`` to ``lr * lr_final`` over
-    ``steps``). Pyro's ``ClippedAdam`` is avoided on purpose: it updates ``p.data``, which
-    does not bump the parameters' version counters, so the blocks' spectral
-    normalisation and caches would not notice the update.
+    ``steps``).
 
     Parameters live in a private scope of Pyro's param store, so the global store is
     left as it was and a second fit in the same process never picks up the first one's
@@ -616,10 +614,8 @@ def fit_density(
                 pyro.sample("x", density, obs=batch_source[idx])
 
     def guide(batch_source: Tensor) -> None:
-        pass
+        """No latent variables: the ELBO is the log-likelihood of the batch."""
 
-    # torch's Adam, not Pyro's ClippedAdam: ClippedAdam writes through ``p.data``, which
-    # leaves ``p._version`` unchanged, and the blocks detect parameter updates by it.
     optim = ExponentialLR(
         {
             "optimizer": torch.optim.Adam,
