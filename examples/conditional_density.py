@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _common import add_run_arguments  # noqa: E402  (the examples folder)
 from pyro import poutine  # noqa: E402
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -187,19 +188,7 @@ def main() -> None:
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--num-train", type=int, default=5000)
     parser.add_argument("--num-test", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: the tensors are small, and a second thread only "
-        "waits on the first, badly so on a shared machine)",
-    )
-    parser.add_argument("--out", default="docs/_static/figures", help="figures directory")
-    parser.add_argument(
-        "--results", default=None, help=f"JSON path (default {RESULTS}; <out>/ with --quick)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    add_run_arguments(parser, RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.steps = 10

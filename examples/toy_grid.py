@@ -51,6 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _common import add_run_arguments  # noqa: E402  (the examples folder)
 from pyro import poutine  # noqa: E402
 from pyro.distributions.torch_transform import ComposeTransformModule  # noqa: E402
 from pyro.distributions.transforms import Permute, affine_coupling, spline_coupling  # noqa: E402
@@ -188,19 +189,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--num-train", type=int, default=20_000)
     parser.add_argument("--grid", type=int, default=150, help="grid points per axis")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: the tensors are small, and a second thread only "
-        "waits on the first, badly so on a shared machine)",
-    )
-    parser.add_argument("--out", default="docs/_static/figures", help="figures directory")
-    parser.add_argument(
-        "--results", default=None, help=f"JSON path (default {RESULTS}; <out>/ with --quick)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    add_run_arguments(parser, RESULTS)
     args = parser.parse_args()
     datasets = args.datasets or list(FULL_DATASETS if args.full else DEFAULT_DATASETS)
     steps = args.steps or (2000 if args.full else 400)

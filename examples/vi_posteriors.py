@@ -47,6 +47,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
+from _common import add_run_arguments  # noqa: E402  (the examples folder)
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow  # noqa: E402
 from pyro.infer.importance import vectorized_importance_weights  # noqa: E402
@@ -194,19 +195,7 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=4, help="residual-flow blocks")
     parser.add_argument("--hidden-dims", type=int, nargs="+", default=[64])
     parser.add_argument("--eval-samples", type=int, default=10_000, help="K for ELBO / log Z")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: the tensors are small, and a second thread only "
-        "waits on the first, badly so on a shared machine)",
-    )
-    parser.add_argument("--out", default="docs/_static/figures", help="figures directory")
-    parser.add_argument(
-        "--results", default=None, help=f"JSON path (default {RESULTS}; <out>/ with --quick)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    add_run_arguments(parser, RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.eval_samples = 10, 500
