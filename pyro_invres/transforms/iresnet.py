@@ -247,8 +247,7 @@ class InvertibleResidual(InvertibleModule):
             return z + self.nn(z)
         # g is evaluated at a copy of z that the graph can differentiate against, and the
         # pair is kept so that the log-det of this very call reuses it.
-        zc = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
-        gz = self.nn(zc)
+        zc, gz = self._graph_at(z)
         self._remember_ladj((zc, gz))
         return zc + gz
 
