@@ -50,8 +50,9 @@ import torch
 from pyro import poutine
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 from pyro.infer import SVI, Trace_ELBO
-from pyro.optim import ExponentialLR, PyroLRScheduler
 from torch import Tensor
+
+from .optim import JointOptim, joint_adam
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -529,10 +530,11 @@ def fit_density(
                 with poutine.scale(scale=1 / N):
                     pyro.sample("x", density, obs=data[idx])
 
-    with an empty guide, ``Trace_ELBO`` and Adam (``pyro.optim.ExponentialLR`` over
-    ``torch.optim.Adam``: each parameter's gradient norm is clipped at ``clip_norm`` and
-    the learning rate decays geometrically from ``lr`` to ``lr * lr_final`` over
-    ``steps``).
+    with an empty guide, ``Trace_ELBO`` and Adam (:func:`~pyro_invres.optim.joint_adam`:
+    one ``torch.optim.Adam`` over all parameters, which ``SVI`` drives like any
+    :class:`pyro.optim.PyroOptim`; each parameter's gradient norm is clipped at
+    ``clip_norm`` and the learning rate decays geometrically from ``lr`` to
+    ``lr * lr_final`` over ``steps``).
 
     Parameters live in a private scope of Pyro's param store, so the global store is
     left as it was and a second fit in the same process never picks up the first one's
@@ -616,14 +618,7 @@ def fit_density(
     def guide(batch_source: Tensor) -> None:
         """No latent variables: the ELBO is the log-likelihood of the batch."""
 
-    optim = ExponentialLR(
-        {
-            "optimizer": torch.optim.Adam,
-            "optim_args": {"lr": lr},
-            "gamma": float(lr_final) ** (1.0 / steps),
-        },
-        clip_args=None if clip_norm is None else {"clip_norm": clip_norm},
-    )
+    optim = joint_adam(lr, clip_norm=clip_norm, gamma=float(lr_final) ** (1.0 / steps))
     pyro.set_rng_seed(seed)
     start, losses = 0, []
     if resume and Path(checkpoint_path).is_file():  # type: ignore[arg-type]
@@ -715,7 +710,7 @@ def _check_fit_args(
 
 
 def _restore(
-    flow: TransformModule, optim: PyroLRScheduler, state: Mapping[str, Any], steps: int
+    flow: TransformModule, optim: JointOptim, state: Mapping[str, Any], steps: int
 ) -> tuple[int, list[float]]:
     step = int(state["step"])
     if step > steps:
