@@ -18,6 +18,7 @@ configs = st.fixed_dictionaries(
         "seed": st.integers(0, 2**16),
         "explicit": st.sampled_from(["forward", "inverse"]),
         "activation": st.sampled_from(["lipswish", "elu"]),
+        "split": st.sampled_from(["equal", "learned"]),
     }
 )
 
@@ -30,6 +31,7 @@ def build(cfg, **kwargs):
         lipschitz=cfg["lipschitz"],
         explicit=cfg["explicit"],
         activation=cfg["activation"],
+        split=cfg.get("split", "equal"),
         logdet="exact",
         **kwargs,
     ).double()
@@ -75,6 +77,41 @@ def test_lipschitz_bound_holds_after_training_steps(cfg):
     assert residual_lipschitz(block.nn, points) <= c * (1 + 1e-3)  # training-mode refresh
     block.eval()
     assert residual_lipschitz(block.nn, points) <= c * (1 + 1e-6)  # converged refresh
+
+
+def test_learned_split_moves_the_budget_but_keeps_the_product():
+    """Gains of e^{+-3} between layers: the block bends far more, Lip(g) stays <= c."""
+    torch.manual_seed(3)
+    c = 0.9
+    equal = iresnet(2, [32, 32], lipschitz=c).double()
+    learned = iresnet(2, [32, 32], lipschitz=c, split="learned").double()
+    learned.load_state_dict(equal.state_dict(), strict=False)
+    for block in (equal, learned):
+        inflate(block.nn)
+    with torch.no_grad():
+        learned.nn.log_gains.copy_(torch.tensor([3.0, 0.0, -3.0]) / 5.0)
+    assert torch.allclose(learned.nn.gains().prod(), torch.tensor(1.0, dtype=torch.float64))
+    points = 3.0 * torch.randn(200, 2, dtype=torch.float64)
+    for block in (equal, learned):
+        block.eval()
+        assert residual_lipschitz(block.nn, points) <= c * (1 + 1e-6)
+
+    # curvature: how fast the Jacobian changes between nearby points
+    def jac(block, x):
+        return torch.autograd.functional.jacobian(block.nn, x)
+
+    def bend(block):
+        h = 1e-3 * torch.tensor([1.0, 0.0], dtype=torch.float64)
+        return max(float((jac(block, x + h) - jac(block, x)).norm() / 1e-3) for x in points[:50])
+
+    assert bend(learned) > 3 * bend(equal)
+
+
+def test_split_is_checked():
+    with pytest.raises(ValueError, match="split"):
+        iresnet(2, [8], split="uneven")
+    with pytest.raises(ValueError, match="split"):
+        iresnet((1, 4, 4), [4], split="learned")
 
 
 def test_single_layer_bound_is_tight_after_adversarial_training():

@@ -442,6 +442,7 @@ def iresnet(
     logdet: str = "auto",
     activation: str = "lipswish",
     kernel_sizes: Sequence[int] | None = None,
+    split: str = "equal",
     **kwargs: object,
 ) -> InvertibleResidual:
     """Build an :class:`InvertibleResidual` block for vectors or images.
@@ -459,6 +460,8 @@ def iresnet(
         logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
         activation: ``"lipswish"`` or ``"elu"``.
         kernel_sizes: images only: one odd kernel size per layer (default 3-1-...-1-3).
+        split: vectors only: ``"equal"`` or ``"learned"`` sharing of ``c`` between the
+            layers (see :class:`~pyro_invres.nn.LipschitzMLP`).
         **kwargs: further options of :class:`InvertibleResidual`.
 
     Example:
@@ -474,8 +477,12 @@ def iresnet(
         if kernel_sizes is not None:
             raise ValueError("kernel_sizes applies to image blocks, input_dim=(C, H, W)")
         hidden = _default_hidden(input_dim) if hidden_dims is None else list(hidden_dims)
-        net: nn.Module = LipschitzMLP(input_dim, hidden, lipschitz=lipschitz, activation=activation)
+        net: nn.Module = LipschitzMLP(
+            input_dim, hidden, lipschitz=lipschitz, activation=activation, split=split
+        )
     else:
+        if split != "equal":
+            raise ValueError(f"split={split!r} applies to vector blocks; images use 'equal'")
         shape = as_event_shape(input_dim)
         if len(shape) != 3:
             raise ValueError(f"input_dim must be an int or (C, H, W), got {input_dim!r}")
