@@ -84,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--num-blocks", type=int, default=d["num_blocks"])
     fit.add_argument("--hidden", default=d["hidden"], help="hidden sizes, comma separated")
-    fit.add_argument("--activation", default=d["activation"], help="iresnet only: elu or lipswish")
+    fit.add_argument(
+        "--activation", default=d["activation"], help="iresnet only: lipswish, clipswish or elu"
+    )
     fit.add_argument(
         "--lipschitz", type=float, default=d["lipschitz"], help="iresnet only: Lip(g) bound"
     )

@@ -27,7 +27,8 @@ takes the per-layer coefficient and also puts an activation on the input.
 Inversion: evaluations of ``g`` (and wall time in units of one forward pass of ``g``) to
 invert a ``c = 0.9`` block to 1e-6 relative error with ``solver="fixed_point"`` and
 ``solver="anderson"`` (float64; counts from ``solve_stats``), on a random block scaled so
-that the largest sampled ``||J_g||`` is ``c``, and per sample on a briefly trained toy flow.
+that the largest sampled ``||J_g||`` is ``c``, and per sample on the flow ``pyro-invres fit``
+trains by default (its defaults, moons; sampling inverts every block).
 
 Run ``python bench_residual_flow.py --help``; results go to
 ``results/residual_flow_<device>.json``.
@@ -604,39 +605,49 @@ def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str
 
 
 def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
-    import pyro.distributions as dist
+    """Solver iterations when sampling from the flow ``pyro-invres fit`` trains by default."""
+    from pyro_invres.cli import DEFAULTS
+    from pyro_invres.datasets import sample_toy
+    from pyro_invres.train import build_flow, evaluate_nll, fit_density
 
-    from pyro_invres.flows import residual_flow
-
-    dim, hidden, n_blocks = 2, [64, 64], args.toy_blocks
-    torch.manual_seed(args.seed + 2)
-    common = {"explicit": "inverse", "lipschitz": LIPSCHITZ, "activation": "lipswish"}
-    flow = residual_flow(dim, n_blocks, hidden, logdet="exact", **common).to(device)
-    zeros = torch.zeros(dim, device=device)
-    model = dist.TransformedDistribution(dist.Normal(zeros, 1.0).to_event(1), [flow])
-    pool = data_pool(dim, 64 * 256, args.seed + 3).to(device)
-    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    dim, dataset = 2, DEFAULTS["dataset"]
+    steps = DEFAULTS["steps"] if args.toy_steps is None else args.toy_steps
+    config = {
+        "num_blocks": DEFAULTS["num_blocks"],
+        "hidden_dims": [int(h) for h in DEFAULTS["hidden"].split(",")],
+        "activation": DEFAULTS["activation"],
+        "lipschitz": DEFAULTS["lipschitz"],
+        "split": DEFAULTS["split"],
+    }
+    generator = torch.Generator().manual_seed(args.seed)
+    train = sample_toy(dataset, DEFAULTS["n_train"], generator)
+    held_out = sample_toy(dataset, DEFAULTS["n_test"], generator)
+    flow = build_flow("iresnet", dim, **config)
     t0 = time.perf_counter()
-    losses = []
-    for it in range(args.toy_steps):
-        x = pool[(it % 64) * 256 : (it % 64 + 1) * 256]
-        opt.zero_grad()
-        loss = -model.log_prob(x).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    fit = fit_density(
+        flow,
+        train,
+        steps=steps,
+        batch_size=DEFAULTS["batch_size"],
+        lr=DEFAULTS["lr"],
+        lr_final=DEFAULTS["lr_final"],
+        seed=args.seed,
+        device=device,
+        progress=False,
+    )
     train_seconds = time.perf_counter() - t0
     state = flow.state_dict()
+    lipschitz = config["lipschitz"]
 
     opts = {"atol": 0.0, "rtol": args.inverse_rtol, "max_iter": 10_000, **cold_start()}
     flows = {}
     for m in ("fixed_point", "anderson"):
-        f = residual_flow(dim, n_blocks, hidden, solver=m, **opts, **common)
+        f = build_flow("iresnet", dim, **config, solver=m, **opts)
         f.load_state_dict(state)
         flows[m] = f.to(device, torch.float64).eval()
     blocks = {m: [p for p in f if hasattr(p, "solve_stats")] for m, f in flows.items()}
 
-    x_data = data_pool(dim, args.inverse_samples, args.seed + 4).to(device, torch.float64)
+    x_data = held_out[: args.inverse_samples].to(device, torch.float64)
     settle = {m: settle_spectral(f, lambda f=f: f.inv(x_data.clone())) for m, f in flows.items()}
     lips = []
     with torch.no_grad():
@@ -647,14 +658,16 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
                 lips.append(float(jacobian_norms(part.nn, h).max()))
             h = part.inv(h)
     out: dict[str, Any] = {
-        "flow": f"residual_flow(2, num_blocks={n_blocks}, hidden_dims={hidden}, "
-        "explicit='inverse', lipschitz=0.9) + ActNorm, trained with logdet='exact'",
+        "flow": f"build_flow('iresnet', 2, **{config}): the `pyro-invres fit` default",
+        "lipschitz_bound_declared": lipschitz,
         "training": {
-            "steps": args.toy_steps,
-            "batch": 256,
-            "lr": 3e-3,
-            "data": "8gaussians",
-            "final_loss_mean_last_20": float(np.mean(losses[-20:])),
+            "steps": steps,
+            "batch": DEFAULTS["batch_size"],
+            "lr": DEFAULTS["lr"],
+            "lr_final": DEFAULTS["lr_final"],
+            "data": dataset,
+            "test_nll": evaluate_nll(flow, held_out.to(device)),
+            "final_loss_mean_last_20": float(np.mean(fit.losses[-20:])),
             "seconds": train_seconds,
         },
         "dtype": "float64",
@@ -744,8 +757,9 @@ def main() -> None:
     parser.add_argument("--inverse-batch", type=int, default=256)
     parser.add_argument("--inverse-samples", type=int, default=32)
     parser.add_argument("--inverse-time-reps", type=int, default=None)
-    parser.add_argument("--toy-steps", type=int, default=None)
-    parser.add_argument("--toy-blocks", type=int, default=4)
+    parser.add_argument(
+        "--toy-steps", type=int, default=None, help="default: the `pyro-invres fit` default"
+    )
     parser.add_argument(
         "--profile",
         default=None,
@@ -760,7 +774,7 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     args.mem_reps = args.mem_reps if args.mem_reps is not None else 1
     args.inverse_time_reps = args.inverse_time_reps or (3 if quick else 7)
-    args.toy_steps = args.toy_steps if args.toy_steps is not None else (20 if quick else 200)
+    args.toy_steps = args.toy_steps if args.toy_steps is not None else (20 if quick else None)
     if quick:
         args.inverse_samples = min(args.inverse_samples, 8)
         args.mem_steps = min(args.mem_steps, 2)

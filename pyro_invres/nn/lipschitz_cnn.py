@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .activations import make_activation
+from .activations import expansion, make_activation
 from .lipschitz_mlp import _check_lipschitz
 from .spectral import spectral_norm
 
@@ -39,7 +39,7 @@ class LipschitzCNN(nn.Module):
         kernel_sizes: one odd kernel size per layer (``len(hidden_channels) + 1``);
             default ``3, 1, ..., 1, 3``.
         lipschitz: the bound ``c`` in ``(0, 1)``.
-        activation: ``"lipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:
@@ -75,13 +75,14 @@ class LipschitzCNN(nn.Module):
             )
         per_layer = self.lipschitz ** (1.0 / n_layers)
         layers: list[nn.Module] = []
+        width = 1  # CLipSwish doubles the channels the next layer sees
         for i, (c_in, c_out, k) in enumerate(zip(channels[:-1], channels[1:], kernel_sizes)):
-            conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
-            layers.append(
-                spectral_norm(conv, per_layer, input_shape=(c_in, *shape[1:]), **spectral_kwargs)
-            )
+            conv = nn.Conv2d(c_in * width, c_out, k, padding=k // 2)
+            in_shape = (c_in * width, *shape[1:])
+            layers.append(spectral_norm(conv, per_layer, input_shape=in_shape, **spectral_kwargs))
             if i < n_layers - 1:
-                layers.append(make_activation(activation))
+                layers.append(make_activation(activation, dim=-3))
+                width = expansion(layers[-1])
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .activations import make_activation
+from .activations import expansion, make_activation
 from .spectral import spectral_norm
 
 __all__ = ["LipschitzMLP", "ConditionalLipschitzMLP", "SPLITS"]
@@ -61,7 +61,7 @@ class LipschitzMLP(nn.Module):
         input_dim: size ``D`` of the input (and output).
         hidden_dims: sizes of the hidden layers.
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
-        activation: ``"lipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
         output_dim: size of the output (default ``input_dim``).
         split: ``"equal"`` or ``"learned"``: how ``c`` is shared between the layers.
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
@@ -98,10 +98,13 @@ class LipschitzMLP(nn.Module):
             raise ValueError(f"layer sizes must be positive, got {dims}")
         per_layer = self.lipschitz ** (1.0 / (len(dims) - 1))
         layers: list[nn.Module] = []
+        width = 1  # CLipSwish doubles the features the next layer sees
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(spectral_norm(nn.Linear(d_in, d_out), per_layer, **spectral_kwargs))
+            linear = nn.Linear(d_in * width, d_out)
+            layers.append(spectral_norm(linear, per_layer, **spectral_kwargs))
             if i < len(dims) - 2:
                 layers.append(make_activation(activation))
+                width = expansion(layers[-1])
         self.net = nn.Sequential(*layers)
         self.log_gains = nn.Parameter(torch.zeros(len(dims) - 1)) if split == "learned" else None
 
@@ -142,7 +145,7 @@ class ConditionalLipschitzMLP(nn.Module):
         context_dim: size of the context ``z``.
         hidden_dims: sizes of the hidden layers (at least one).
         lipschitz: the bound ``c`` in ``(0, 1)``.
-        activation: ``"lipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:
@@ -176,11 +179,14 @@ class ConditionalLipschitzMLP(nn.Module):
         )
         self.context_layer = nn.Linear(context_dim, hidden_dims[0], bias=False)
         layers: list[nn.Module] = [make_activation(activation)]
+        width = expansion(layers[0])
         dims = [*hidden_dims, self.input_dim]
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(spectral_norm(nn.Linear(d_in, d_out), per_layer, **spectral_kwargs))
+            linear = nn.Linear(d_in * width, d_out)
+            layers.append(spectral_norm(linear, per_layer, **spectral_kwargs))
             if i < len(dims) - 2:
                 layers.append(make_activation(activation))
+                width = expansion(layers[-1])
         self.rest = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:

@@ -458,7 +458,7 @@ def iresnet(
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` (cheap sampling) or ``"inverse"`` (cheap scoring).
         logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        activation: ``"lipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
         kernel_sizes: images only: one odd kernel size per layer (default 3-1-...-1-3).
         split: vectors only: ``"equal"`` or ``"learned"`` sharing of ``c`` between the
             layers (see :class:`~pyro_invres.nn.LipschitzMLP`).
@@ -513,7 +513,7 @@ def conditional_iresnet(
         lipschitz: the bound on ``Lip_z(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` or ``"inverse"``.
         logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        activation: ``"lipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
         **kwargs: further options of :class:`InvertibleResidual`.
 
     Example:

@@ -121,6 +121,20 @@ class _Stage:
     def revert(self, h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
         return self.couple(h, s, t) if self.undo else self.uncouple(h, s, t)
 
+    def pullback(
+        self, before: Tensor, after: Tensor, s: Tensor | None, t: Tensor, grad: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Gradients of the update ``before -> after`` w.r.t. ``(before, s, t)``, given
+        the gradient of ``after`` (the log-det's share of ``s`` is not included)."""
+        if s is None:  # after = before +- t
+            return grad, None, -grad if self.undo else grad
+        if self.undo:  # after = (before - t) e^{-s}
+            scaled = grad * torch.exp(-s)
+            return scaled, -grad * after, -scaled
+        # after = before e^s + t
+        scaled = grad * s.exp()
+        return scaled, scaled * before, grad
+
     def logdet(self, s: Tensor | None, event_dim: int) -> Tensor | None:
         if s is None:
             return None
@@ -160,28 +174,32 @@ def _fused_inverse_vjp(block: InvertibleModule, stages: list[_Stage]) -> Inverse
         for stage in reversed(stages):
             c, u = stage.cond, 1 - stage.cond
             mine = [i for i, w in enumerate(wrt) if id(w) in stage.tensor_ids]
-            with torch.enable_grad():
+            with torch.enable_grad():  # the backward pass runs with grad mode off
                 cond = halves[c].detach().requires_grad_()
                 s, t = stage.coefficients(cond)
-                with torch.no_grad():
-                    before = stage.revert(halves[u], s, t)
-                upd = before.requires_grad_()
-                outputs = [stage.apply(upd, s, t)]
-                grads_out = [grads[u]]
                 logdet = stage.logdet(s, block.event_dim)
-                if logdet is not None:
-                    outputs.append(logdet)
-                    grads_out.append(grad_logdet.sum_to_size(logdet.shape))
-                inputs = (cond, upd, *(wrt[i] for i in mine))
-                pulled = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
+            with torch.no_grad():
+                before = stage.revert(halves[u], s, t)
+                # the update is elementwise in the changed half: its vector-Jacobian
+                # products are closed-form, only the network needs autograd
+                g_before, g_s, g_t = stage.pullback(before, halves[u], s, t, grads[u])
+            outputs, grads_out = [t], [g_t]
+            if s is not None:
+                outputs.append(s)
+                grads_out.append(g_s)
+                assert logdet is not None
+                outputs.append(logdet)
+                grads_out.append(grad_logdet.sum_to_size(logdet.shape))
+            inputs = (cond, *(wrt[i] for i in mine))
+            pulled = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
             if pulled[0] is not None:
                 grads[c] = grads[c] + pulled[0]
-            grads[u] = pulled[1] if pulled[1] is not None else torch.zeros_like(upd)
-            for i, grad in zip(mine, pulled[2:]):
+            grads[u] = g_before
+            for i, grad in zip(mine, pulled[1:]):
                 if grad is not None:
                     old = param_grads[i]
                     param_grads[i] = grad if old is None else old + grad
-            halves[c], halves[u] = cond.detach(), upd.detach()
+            halves[c], halves[u] = cond.detach(), before
         return block._merge(*halves), block._merge(*grads), tuple(param_grads)
 
     return inverse_vjp
