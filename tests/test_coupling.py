@@ -350,3 +350,27 @@ def test_conditioner_validation():
     with pytest.raises(ValueError, match="num_outputs"):
         make_conditioner(2, 1, num_outputs=0)
     assert default_hidden_dims(10) == [100, 100]
+
+
+@pytest.mark.parametrize("param_dims", [[3], [3, 3], [1, 1], [1]])
+def test_lean_dense_nets_match_pyros(param_dims):
+    """The conditioners' faster forward returns exactly what Pyro's DenseNN returns."""
+    from pyro.nn import ConditionalDenseNN, DenseNN
+
+    from pyro_invres.nn.conditioners import _LeanConditionalDenseNN, _LeanDenseNN
+
+    torch.manual_seed(0)
+    ours = _LeanDenseNN(4, [8, 8], param_dims)
+    pyros = DenseNN(4, [8, 8], param_dims)
+    pyros.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 6, 4)
+    a, b = ours(x), pyros(x)
+    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+    assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+    ours_c = _LeanConditionalDenseNN(4, 2, [8], param_dims)
+    pyros_c = ConditionalDenseNN(4, 2, [8], param_dims)
+    pyros_c.load_state_dict(ours_c.state_dict())
+    context = torch.randn(5, 6, 2)
+    a, b = ours_c(x, context), pyros_c(x, context)
+    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))

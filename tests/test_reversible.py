@@ -509,3 +509,28 @@ def test_meter_counts_storages_once():
         assert meter.live_bytes == 3 * 12 * x.element_size()  # x, and the two products
         del y
     assert meter.live_bytes == 0 and meter.peak_bytes == 3 * 12 * x.element_size()
+
+
+def test_replacing_a_network_or_parameter_rebuilds_the_steps():
+    from pyro_invres.transforms import revnet_block
+    from pyro_invres.transforms.reversible import reversible_stack
+
+    torch.manual_seed(0)
+    blocks = [revnet_block(4, [8]) for _ in range(3)]
+    stack = reversible_stack(blocks)
+    x = torch.randn(5, 4)
+
+    def plain(x):
+        for b in blocks:
+            x = b._call(x)
+        return x
+
+    assert torch.allclose(stack._call(x), plain(x))
+    blocks[1].f = torch.nn.Linear(2, 2)  # a whole network
+    assert torch.allclose(stack._call(x), plain(x))
+    layer = blocks[2].g.layers[0]
+    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))  # one parameter, deep
+    assert torch.allclose(stack._call(x), plain(x))
+    y = stack._call(x.requires_grad_())
+    y.sum().backward()
+    assert layer.weight.grad is not None

@@ -221,6 +221,41 @@ class ContextBound(nn.Module):
         return self.net(x, context=self.context)
 
 
+def _lean_forward(net: ConditionalDenseNN, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Pyro's ``ConditionalDenseNN._forward`` without slicing the ``ModuleList``.
+
+    ``self.layers[:-1]`` builds a new ``ModuleList`` (a module ``__init__``) on every call:
+    about a third of the Python time of a small coupling network, paid twice per block by
+    reversible back-propagation (forward pass, then recomputation).
+    """
+    h = x
+    last = len(net.layers) - 1
+    for i, layer in enumerate(net.layers):
+        h = layer(h)
+        if i < last:
+            h = net.f(h)
+    if net.output_multiplier == 1:
+        return h
+    h = h.reshape(*x.shape[:-1], net.output_multiplier)
+    if net.count_params == 1:
+        return h
+    return tuple(h[..., s] for s in net.param_slices)
+
+
+class _LeanDenseNN(DenseNN):
+    """:class:`pyro.nn.DenseNN` (same parameters, names and outputs), a faster forward."""
+
+    def _forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        return _lean_forward(self, x)
+
+
+class _LeanConditionalDenseNN(ConditionalDenseNN):
+    """:class:`pyro.nn.ConditionalDenseNN` with the faster forward of :class:`_LeanDenseNN`."""
+
+    def _forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        return _lean_forward(self, x)
+
+
 def make_conditioner(
     in_shape: int | Sequence[int],
     out_features: int,
@@ -264,11 +299,11 @@ def make_conditioner(
         return ConvConditioner(shape[0], out_features, hidden, num_outputs, activation)
     param_dims = [out_features] * num_outputs
     if context_dim:
-        net: ConditionalDenseNN = ConditionalDenseNN(
+        net: ConditionalDenseNN = _LeanConditionalDenseNN(
             shape[0], context_dim, hidden, param_dims, nonlinearity=_activation(activation)
         )
     else:
-        net = DenseNN(shape[0], hidden, param_dims, nonlinearity=_activation(activation))
+        net = _LeanDenseNN(shape[0], hidden, param_dims, nonlinearity=_activation(activation))
     nn.init.zeros_(net.layers[-1].weight)
     nn.init.zeros_(net.layers[-1].bias)
     return net
