@@ -157,16 +157,25 @@ class SpectralNormScale(nn.Module):
         """The current estimate ``u^T W v`` (differentiable in ``weight``)."""
         return torch.dot(self.u, self._matvec(weight, self.v))
 
+    @staticmethod
+    @torch.no_grad()
+    def _value_digest(weight: Tensor) -> Tensor:
+        # A few reductions that any optimizer step changes (a copy of the weight would
+        # cost as much memory as the weight itself): the sum, the norm, and a strided sum.
+        # They are recomputed by the same kernels, so an unchanged weight matches exactly.
+        flat = weight.detach().reshape(-1)
+        return torch.stack([flat.sum(), torch.linalg.vector_norm(flat), flat[1::3].sum()])
+
     def _changed(self, weight: Tensor) -> bool:
         if self._fingerprint(weight) != self._seen or self._weight_seen is None:
             return True
         # writes through ``p.data`` (Pyro's ClippedAdam) leave the version counter alone:
         # compare the values too
-        return not torch.equal(weight.detach(), self._weight_seen)
+        return not torch.equal(self._value_digest(weight), self._weight_seen)
 
     def _mark_seen(self, weight: Tensor) -> None:
         self._seen = self._fingerprint(weight)
-        self._weight_seen = weight.detach().clone()
+        self._weight_seen = self._value_digest(weight)
 
     def forward(self, weight: Tensor) -> Tensor:
         # Evaluation tops up, once, a training-mode refresh that stopped at its cap; after

@@ -42,18 +42,23 @@ class _State:
 class _StoredGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value: Tensor, x: Tensor, state: _State, *params: Tensor) -> Tensor:  # noqa: ANN001
+        # saved, not kept on the state: autograd frees them after a backward pass that does
+        # not retain the graph, even while something (a log-det memo) keeps this node alive
+        ctx.save_for_backward(state.dx, *state.dparams)
+        state.dx, state.dparams = None, []
         ctx.state = state
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
         state: _State = ctx.state
+        dx, *dparams = ctx.saved_tensors
         shaped = grad.reshape(grad.shape + (1,) * state.event_dim)
-        gx = None if state.dx is None else shaped * state.dx
+        gx = None if dx is None else shaped * dx
         flat = grad.reshape(-1)
         if flat.numel() == 0 or bool((flat == flat[0]).all()):
             scale = flat[0] if flat.numel() else grad.new_zeros(())
-            gp = [None if d is None else d * scale for d in state.dparams]
+            gp = [None if d is None else d * scale for d in dparams]
         else:
             state.recomputed += 1
             gp = state.recompute(grad)
