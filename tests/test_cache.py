@@ -162,6 +162,26 @@ def test_updates_through_p_data_are_seen_by_the_cache_and_the_spectral_norm():
     assert not torch.equal(sn.u, u_before)  # refreshed after a p.data update
 
 
+@pytest.mark.parametrize("index", [0, 1, 5])
+def test_a_one_entry_write_through_p_data_triggers_a_refresh(index):
+    """The spectral norm's value digest sees a change of a single entry (on and off the
+    strided part of the digest), so the bound is re-established."""
+    from pyro_invres.nn import LipschitzMLP
+
+    torch.manual_seed(0)
+    net = LipschitzMLP(3, [4], lipschitz=0.5)
+    net(torch.randn(2, 3))
+    layer = net.net[0]
+    sn = layer.parametrizations.weight[0]
+    raw = layer.parametrizations.weight.original
+    sigma_before = float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2))
+    raw.data.view(-1)[index] += 50.0  # large: the old (u, v) would badly underestimate
+    w = layer.weight.detach()
+    assert float(torch.linalg.matrix_norm(w, ord=2)) <= 0.5**0.5 * (1 + 1e-3)
+    assert sigma_before <= 0.5**0.5 * (1 + 1e-3)
+    assert sn._changed(raw) is False  # seen now
+
+
 def test_deepcopy_after_a_grad_mode_call():
     # (pickling spectrally normalised modules is refused by torch's parametrize: use
     # state_dict, which is tested elsewhere)

@@ -108,3 +108,17 @@ def test_forward_mode_with_a_context_that_requires_grad_falls_back():
     ld = blk.log_abs_det_jacobian(x, blk(x))
     (grad,) = torch.autograd.grad(ld.sum(), [context])
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_forward_mode_frees_its_stored_gradients_after_backward():
+    """The stored input and parameter gradients are autograd-saved tensors: a backward
+    pass that does not retain the graph frees them, even while the block's log-det memo
+    still references the node that holds them."""
+    b = block("forward")
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    ld = b.log_abs_det_jacobian(x, b(x))
+    node = ld.grad_fn
+    assert len(node.saved_tensors) == 1 + len(list(b.parameters()))
+    ld.sum().backward()
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        node.saved_tensors  # noqa: B018
