@@ -8,6 +8,7 @@ from helpers import jacobian_logdet, residual_lipschitz
 from hypothesis import given
 
 from pyro_invres import conditional_iresnet, iresnet
+from pyro_invres.nn.lipschitz_mlp import _GAIN_RATE
 
 configs = st.fixed_dictionaries(
     {
@@ -89,7 +90,7 @@ def test_learned_split_moves_the_budget_but_keeps_the_product():
     for block in (equal, learned):
         inflate(block.nn)
     with torch.no_grad():
-        learned.nn.log_gains.copy_(torch.tensor([3.0, 0.0, -3.0]) / 5.0)
+        learned.nn.log_gains.copy_(torch.tensor([3.0, 0.0, -3.0]) / _GAIN_RATE)
     assert torch.allclose(learned.nn.gains().prod(), torch.tensor(1.0, dtype=torch.float64))
     points = 3.0 * torch.randn(200, 2, dtype=torch.float64)
     for block in (equal, learned):

@@ -6,7 +6,9 @@ spike on a shared machine hits all of them alike; the report is per-implementati
 timed region.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what is allocated once the
-model is built. On CPU, each measurement runs in a fresh child process forked from a
+model is built. On CPU, :func:`peak_allocated_cpu` replays the allocations the torch
+profiler records during a step (the step's own tensors; see there); or, with
+:func:`peak_memory`, each measurement runs in a fresh child process forked from a
 ``forkserver`` that has only imported the libraries (no tensor work: fork-safe, and it saves
 re-importing torch for every measurement; ``spawn`` where there is no forkserver): the
 child builds the model, takes its resident set size as the baseline, resets the kernel's

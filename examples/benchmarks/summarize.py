@@ -1,0 +1,231 @@
+"""Write ``docs/benchmark_results.md`` from the benchmarks' JSON results.
+
+The page only restates what ``bench_residual_flow.py`` and ``bench_reversible.py`` wrote
+to ``results/<name>_<device>.json``; rerun those, then this::
+
+    python examples/benchmarks/summarize.py            # CPU results
+    python examples/benchmarks/summarize.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_DIR, markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGETS = {
+    "time": 0.8,  # ours / normflows, training step
+    "memory": 1.0,  # ours (memory-saving mode) / normflows reduce_memory
+    "inverse": 10,  # evaluations of g, c = 0.9 block, 1e-6
+    "inverse_trained": 5,  # median per block solve on a trained toy flow
+    "rev_memory": 1.25,  # 64 blocks / 4 blocks
+    "rev_time": 1.4,  # ours / plain autograd
+    "rev_drift": 1e-4,  # float32, depth 256
+}
+
+
+def _env(result: dict[str, Any]) -> str:
+    env = result.get("env", {})
+    bits = [env.get("device_name") or env.get("cpu"), f"torch {env.get('torch')}"]
+    if env.get("torch_threads"):
+        bits.append(f"{env['torch_threads']} thread(s)")
+    return ", ".join(str(b) for b in bits if b)
+
+
+def residual_flow_section(result: dict[str, Any]) -> list[str]:
+    nan = float("nan")
+    out = ["## Residual flows against normflows", ""]
+    out.append(f"`{result.get('command', 'bench_residual_flow.py')}`; {_env(result)}.")
+    out.append("")
+    rows = []
+    for config, entry in result.get("training", {}).items():
+        timing = entry["timing_seconds"]["impls"]
+        memory = entry.get("peak_memory", {})
+        ratios = entry["time_ratios"]
+        for impl in ("ours", "ours_forward", "nf_reduce_memory", "nf_plain"):
+            if impl not in timing:
+                continue
+            mem = memory.get(impl, {}).get("median_bytes")
+            rows.append(
+                [
+                    config,
+                    impl,
+                    1e3 * timing[impl]["total"]["median"],
+                    "-" if mem is None else mem / 2**20,
+                ]
+            )
+        r = ratios.get("ours/nf_reduce_memory", {})
+        m = memory.get("ratios", {})
+        rows.append(
+            [
+                config,
+                "**ours / nf_reduce_memory**",
+                f"{r.get('of_medians', nan):.2f} (paired {r.get('median_of_paired', nan):.2f})",
+                f"{m.get('ours/nf_reduce_memory', nan):.2f}",
+            ]
+        )
+        rf = ratios.get("ours_forward/nf_reduce_memory", {})
+        rows.append(
+            [
+                config,
+                "**ours_forward / nf_reduce_memory**",
+                f"{rf.get('of_medians', nan):.2f}",
+                f"{m.get('ours_forward/nf_reduce_memory', nan):.2f}",
+            ]
+        )
+    if rows:
+        out.append(
+            f"Training step (targets: time at most {TARGETS['time']}x normflows, memory of the "
+            f"memory-saving modes at most {TARGETS['memory']}x). normflows' step includes the "
+            "`update_lipschitz` call its users must make; `ours_forward` is "
+            '`gradient="forward"`, our memory-saving mode.'
+        )
+        out.append("")
+        out.append(markdown_table(["config", "impl", "step ms / ratio", "peak MiB / ratio"], rows))
+        out.append("")
+    inverse = result.get("inverse", {})
+    rows = []
+    for key, r in inverse.items():
+        if not key.startswith("random_block"):
+            continue
+        b, p = r["batch_solve"], r["per_sample"]
+        for m in ("fixed_point", "anderson"):
+            rows.append(
+                [
+                    f"D={r['dim']}",
+                    m,
+                    b[m]["iterations"],
+                    p[m]["iterations_median"],
+                    p[m]["oracle_iterations_median"],
+                    b[m]["forward_pass_equivalents"],
+                ]
+            )
+    if rows:
+        out.append(
+            f"Inverting a random c = 0.9 block to 1e-6 (target: at most {TARGETS['inverse']} "
+            "evaluations of `g`; the wall time is also given in forward passes of `g`, which "
+            "counts Anderson's least-squares work):"
+        )
+        out.append("")
+        out.append(
+            markdown_table(
+                [
+                    "block",
+                    "solver",
+                    "batch evaluations",
+                    "per-sample median",
+                    "oracle median",
+                    "batch wall time / forward",
+                ],
+                rows,
+            )
+        )
+        out.append("")
+    toy = inverse.get("trained_toy_flow")
+    if toy:
+        per_block = {
+            m: toy[m]["iterations_per_block_solve_median"] for m in ("fixed_point", "anderson")
+        }
+        out.append(
+            f"Sampling the flow `pyro-invres fit` trains ({toy['training']['steps']} steps): "
+            f"median evaluations per block solve {per_block['fixed_point']:g} "
+            f"(fixed point) and {per_block['anderson']:g} "
+            f"(Anderson); target at most {TARGETS['inverse_trained']}."
+        )
+        out.append("")
+    return out
+
+
+def reversible_section(result: dict[str, Any]) -> list[str]:
+    out = ["## Reversible back-propagation", ""]
+    out.append(f"`bench_reversible.py`; {_env(result)}; config {result.get('config')}.")
+    out.append("")
+    depths = result.get("depths", {})
+    rows = []
+    for depth, entry in depths.items():
+        ratios = entry.get("time_ratio_vs_plain", {})
+        saved = entry.get("memory", {})
+        for impl in ("plain", "ours", "checkpoint", "memcnn"):
+            if impl in ratios:
+                nbytes = saved.get(impl, {}).get("saved_tensor_bytes")
+                rows.append(
+                    [
+                        depth,
+                        impl,
+                        ratios[impl]["of_medians"],
+                        ratios[impl]["median_of_paired"],
+                        "-" if nbytes is None else nbytes / 2**20,
+                    ]
+                )
+    if rows:
+        out.append(
+            f"Training step of a RevNet stack: time / plain autograd (target at most "
+            f"{TARGETS['rev_time']}x) and the bytes autograd saves (memcnn keeps its "
+            "activations outside autograd's saved tensors, so its count misses one per step):"
+        )
+        out.append("")
+        out.append(
+            markdown_table(["depth", "impl", "time / plain", "paired rounds", "saved MiB"], rows)
+        )
+        out.append("")
+    small, large = depths.get("4", {}).get("memory", {}), depths.get("64", {}).get("memory", {})
+    if small and large:
+        parts = [
+            f"{impl} {large[impl]['saved_tensor_bytes'] / small[impl]['saved_tensor_bytes']:.2f}x"
+            for impl in ("ours", "checkpoint", "plain")
+            if impl in small and impl in large
+        ]
+        out.append(
+            f"Saved memory at depth 64 / depth 4 (target at most {TARGETS['rev_memory']}x): "
+            + ", ".join(parts)
+            + "."
+        )
+        out.append("")
+    drift = result.get("drift")
+    if drift:
+        errors = drift["reconstruction_max_rel_error"]
+        out.append(
+            f"float32 reconstruction at depth {drift['depth']} (activations grow "
+            f"{drift['activation_growth']:.0f}x; target below {TARGETS['rev_drift']:g}): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+            + "."
+        )
+        out.append("")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark_results.md"))
+    args = parser.parse_args()
+    lines = [
+        f"# Benchmark results ({args.device})",
+        "",
+        "Written by `python examples/benchmarks/summarize.py` from the JSON files in",
+        "`examples/benchmarks/results/`; rerun the benchmarks and then it to refresh. The",
+        "toy-density comparison with Pyro's flows has its own page, {doc}`toy_nll`.",
+        "",
+    ]
+    for name, section in (
+        ("residual_flow", residual_flow_section),
+        ("reversible", reversible_section),
+    ):
+        path = RESULTS_DIR / f"{name}_{args.device}.json"
+        if path.is_file():
+            lines += section(json.loads(path.read_text()))
+        else:
+            lines += [f"No `{path.name}` yet.", ""]
+    Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
