@@ -1,7 +1,7 @@
 """Write ``docs/benchmark_results.md`` from the benchmarks' JSON results.
 
-The page only restates what ``bench_residual_flow.py`` and ``bench_reversible.py`` wrote
-to ``results/<name>_<device>.json``; rerun those, then this::
+The page only restates what ``bench_residual_flow.py``, ``bench_reversible.py`` and
+``bench_equal_time.py`` wrote to ``results/<name>_<device>.json``; rerun those, then this::
 
     python examples/benchmarks/summarize.py            # CPU results
     python examples/benchmarks/summarize.py --device cuda
@@ -201,6 +201,23 @@ def reversible_section(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def equal_time_section(result: dict[str, Any]) -> list[str]:
+    out = ["## Density quality at equal wall-clock", ""]
+    out.append(
+        f"`bench_equal_time.py`: {result['seconds_per_model']:g} s of training per model, "
+        f"test NLL in nats with the exact log-det; {_env(result)}."
+    )
+    out.append("")
+    rows = [
+        [dataset, name, r["steps"], "diverged" if r["test_nll"] is None else r["test_nll"]]
+        for dataset, entry in result.get("datasets", {}).items()
+        for name, r in entry.items()
+    ]
+    out.append(markdown_table(["data set", "model", "steps", "test NLL"], rows))
+    out.append("")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -217,6 +234,7 @@ def main() -> None:
     for name, section in (
         ("residual_flow", residual_flow_section),
         ("reversible", reversible_section),
+        ("equal_time", equal_time_section),
     ):
         path = RESULTS_DIR / f"{name}_{args.device}.json"
         if path.is_file():
