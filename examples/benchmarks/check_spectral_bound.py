@@ -1,7 +1,7 @@
 """How far the training-mode spectral estimate lets a layer exceed its Lipschitz share.
 
 Trains the residual-flow benchmark's config (default B: 64-D, 4 blocks of [256, 256],
-Adam at lr 1e-3) with the power-iteration cap ``n_power_iterations`` set to each value of
+Adam at lr 1e-3) with the refresh cap ``n_power_iterations`` (Lanczos steps) set to each value of
 ``--caps``, and after every 5th step from step 20 on compares the exact spectral norm of
 every normalised weight (``torch.linalg.matrix_norm(ord=2)``) with its share ``c_l`` of
 the bound. Prints the worst relative excess ``||W_l|| / c_l - 1`` per cap. Evaluation mode

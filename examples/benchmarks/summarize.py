@@ -84,9 +84,9 @@ def residual_flow_section(result: dict[str, Any]) -> list[str]:
         out.append(
             f"Training step (targets: time at most {TARGETS['time']}x normflows, memory of the "
             f"memory-saving modes at most {TARGETS['memory']}x). normflows' step includes the "
-            "`update_lipschitz` call its users must make (50 power iterations, which also keep "
-            "its training-time bound on wide layers tighter than our 20-iteration cap: see "
-            "{doc}`tradeoffs`); `ours_forward` is "
+            "`update_lipschitz` call its users must make (50 power iterations; how closely "
+            "each side's training-time estimate tracks the norm: {doc}`tradeoffs`); "
+            "`ours_forward` is "
             '`gradient="forward"`, our memory-saving mode.'
         )
         out.append("")
