@@ -29,7 +29,6 @@ idle cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from _common import add_run_arguments  # noqa: E402  (the examples folder)
+from _common import add_run_arguments, write_results  # noqa: E402
 from pyro import poutine  # noqa: E402
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -232,10 +231,7 @@ def main() -> None:
         "total_wall_s": total,
         "figure": str(figure),
     }
-    results_path = Path(args.results or (Path(args.out) / RESULTS.name if args.quick else RESULTS))
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {figure} and {results_path} ({total:.0f} s in all)")
+    write_results(args, RESULTS, payload, figure, total)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ of the papers (8gaussians, checkerboard, 2spirals, moons, rings, pinwheel) and 2
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +50,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from _common import add_run_arguments  # noqa: E402  (the examples folder)
+from _common import add_run_arguments, write_results  # noqa: E402
 from pyro import poutine  # noqa: E402
 from pyro.distributions.torch_transform import ComposeTransformModule  # noqa: E402
 from pyro.distributions.transforms import Permute, affine_coupling, spline_coupling  # noqa: E402
@@ -250,10 +249,7 @@ def main() -> None:
         "total_wall_s": total,
         "figure": str(figure),
     }
-    results_path = Path(args.results or (Path(args.out) / RESULTS.name if args.quick else RESULTS))
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {figure} and {results_path} ({total:.0f} s in all)")
+    write_results(args, RESULTS, payload, figure, total)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ Run (defaults: 800 steps, 64 particles, lr 0.01; about 1.5 minutes on 2 idle cor
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from _common import add_run_arguments  # noqa: E402  (the examples folder)
+from _common import add_run_arguments, write_results  # noqa: E402
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow  # noqa: E402
 from pyro.infer.importance import vectorized_importance_weights  # noqa: E402
@@ -262,10 +261,7 @@ def main() -> None:
         "total_wall_s": total,
         "figure": str(figure),
     }
-    results_path = Path(args.results or (Path(args.out) / RESULTS.name if args.quick else RESULTS))
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {figure} and {results_path} ({total:.0f} s in all)")
+    write_results(args, RESULTS, payload, figure, total)
 
 
 if __name__ == "__main__":
