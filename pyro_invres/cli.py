@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "num_blocks": 8,
     "hidden": "32,32",
     "activation": "lipswish",
+    "beta": 32.0,
     "lipschitz": 0.97,
     "split": "learned",
     "n_train": 20_000,
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--hidden", default=d["hidden"], help="hidden sizes, comma separated")
     fit.add_argument(
         "--activation", default=d["activation"], help="iresnet only: lipswish, clipswish or elu"
+    )
+    fit.add_argument(
+        "--beta",
+        type=float,
+        default=d["beta"],
+        help="iresnet with (c)lipswish only: the activation's starting sharpness (learned)",
     )
     fit.add_argument(
         "--lipschitz", type=float, default=d["lipschitz"], help="iresnet only: Lip(g) bound"
@@ -270,6 +277,8 @@ def _fit_with_threads(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"num_blocks": args.num_blocks, "hidden_dims": _hidden(args.hidden)}
     if args.flow == "iresnet":
         options["activation"] = args.activation
+        if args.activation in ("lipswish", "clipswish"):
+            options["activation_kwargs"] = {"beta": args.beta}
         options["lipschitz"] = args.lipschitz
         options["split"] = args.split
     flow = build_flow(args.flow, 2, **options)

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch.func import jacrev, vmap
 
-from pyro_invres.nn.activations import CLIPSWISH_GAIN, CLipSwish, LipELU, LipSwish
+from pyro_invres import iresnet
+from pyro_invres.nn.activations import (
+    CLIPSWISH_GAIN,
+    CLipSwish,
+    LipELU,
+    LipSwish,
+    make_activation,
+)
 
 
 def _max_jacobian_norm(act: torch.nn.Module, x: torch.Tensor) -> float:
@@ -55,3 +62,35 @@ def test_clipswish_images_concatenate_channels():
 def test_elu_is_one_lipschitz():
     x = torch.linspace(-10, 10, 2001, dtype=torch.float64).reshape(-1, 1)
     assert _max_jacobian_norm(LipELU().double(), x) <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("name", ["lipswish", "clipswish"])
+@pytest.mark.parametrize("beta", [0.5, 16.0, 80.0])
+def test_activation_beta_option_sets_the_starting_beta(name, beta):
+    act = make_activation(name, beta=beta)
+    start = float(torch.nn.functional.softplus(act.raw_beta.detach()))
+    assert start == pytest.approx(beta, rel=1e-6)
+
+
+def test_activation_options_are_checked():
+    with pytest.raises(ValueError, match="takes no option 'beta'"):
+        make_activation("elu", beta=2.0)
+    with pytest.raises(ValueError, match="takes no option 'gamma'"):
+        make_activation("lipswish", gamma=1.0)
+    with pytest.raises(ValueError, match="beta must be positive"):
+        make_activation("lipswish", beta=0.0)
+    # ``dim`` is a layout hint that only CLipSwish uses
+    assert isinstance(make_activation("elu", dim=-3), LipELU)
+    assert make_activation("clipswish", dim=-3).dim == -3
+
+
+def test_iresnet_passes_activation_options_to_every_activation():
+    block = iresnet(2, [8, 8], activation_kwargs={"beta": 16.0})
+    betas = [
+        float(torch.nn.functional.softplus(m.raw_beta.detach()))
+        for m in block.modules()
+        if isinstance(m, LipSwish)
+    ]
+    assert betas == pytest.approx([16.0, 16.0])
+    image = iresnet((2, 4, 4), [4], activation="clipswish", activation_kwargs={"beta": 3.0})
+    assert [m.dim for m in image.modules() if isinstance(m, CLipSwish)] == [-3]

@@ -477,6 +477,61 @@ def _first_below(errors: list[float], target: float) -> int | None:
     return next((i + 1 for i, e in enumerate(errors) if e <= target), None)
 
 
+def stopping_rules(
+    g: nn.Module,
+    w: torch.Tensor,
+    x_true: torch.Tensor,
+    method: str,
+    contraction: float,
+    rtol: float,
+) -> dict[str, Any]:
+    """Replay one block solve ``x = w - g(x)`` and ask when each stopping rule would stop.
+
+    The solve runs with zero tolerance (to the noise floor) and records every iterate.
+    ``oracle`` is the first evaluation whose true relative error is ``<= rtol``; ``banach``
+    the first at which ``c / (1 - c) * step <= rtol * ||x||`` (the library's rule; it must
+    equal the count the transform reports); ``observed_rate`` the first at which the same
+    test with ``c`` replaced by the observed contraction ``q = max(s_k / s_{k-1},
+    s_{k-1} / s_{k-2})`` passes: an a-posteriori estimate without a guarantee, shown for
+    what it would save and what error it would let through.
+    """
+    from pyro_invres.ops.fixed_point import solve_fixed_point
+
+    iterates: list[torch.Tensor] = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out = w - g(x)
+        iterates.append(out)
+        return out
+
+    with torch.no_grad():
+        solve_fixed_point(
+            f, w, contraction=contraction, atol=0.0, rtol=0.0, max_iter=500, method=method
+        )
+    scale = float(x_true.norm())
+    errors = [float((t - x_true).norm()) / scale for t in iterates]
+    prev = [w, *iterates[:-1]]
+    steps = [float((t - p).norm()) for t, p in zip(iterates, prev)]
+    sizes = [float(t.norm()) for t in iterates]
+    factor = contraction / (1 - contraction)
+    banach = next((k + 1 for k in range(len(steps)) if factor * steps[k] <= rtol * sizes[k]), None)
+    rate = None
+    for k in range(1, len(steps)):
+        q = steps[k] / max(steps[k - 1], 1e-300)
+        if k >= 2:
+            q = max(q, steps[k - 1] / max(steps[k - 2], 1e-300))
+        q = min(q, contraction)
+        if q / (1 - q) * steps[k] <= rtol * sizes[k]:
+            rate = k + 1
+            break
+    return {
+        "oracle": _first_below(errors, rtol),
+        "banach": banach,
+        "observed_rate": rate,
+        "observed_rate_error": errors[rate - 1] if rate else None,
+    }
+
+
 def nf_fixed_point_rule(net: ScaledNet, y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """normflows' own inverse (``iResBlock._inverse_fixed_point``: atol = rtol = 1e-5 on the
     *squared* step), on our network; returns the solution and evaluations of ``g``."""
@@ -699,7 +754,22 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
         "n_samples": args.inverse_samples,
         "what": "sampling direction x = f(z), z = f^{-1}(x_data): every block solve per sample",
     }
+    # the pair every block solve of the sampling pass sees: its input and the exact answer
+    # (blocks in stack order; both flows hold the same weights)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        h = x_data
+        for part in reversed(list(flows["anderson"].parts)):
+            below = part.inv(h)
+            if hasattr(part, "solve_stats"):
+                pairs.insert(0, (below, h))  # (w: latent side, x*: data side)
+            h = below
     for m, f in flows.items():
+        rules = [
+            stopping_rules(b.nn, w[i : i + 1], x[i : i + 1], m, lipschitz, args.inverse_rtol)
+            for b, (w, x) in zip(blocks[m], pairs)
+            for i in range(w.shape[0])
+        ]
         per_sample, per_block, errs = [], [], []
         for i in range(args.inverse_samples):
             for b in blocks[m]:
@@ -717,6 +787,28 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
             "iterations_per_block_solve_median": _median(per_block),
             "reconstruction_rel_error_median": _median(errs),
             "reconstruction_rel_error_max": max(errs),
+            "stopping_rules_per_block_solve": {
+                "what": "replayed solves (see stopping_rules): evaluations until each rule "
+                "stops; oracle = first iterate within rtol of the exact answer",
+                "n_solves": len(rules),
+                "oracle_median": _median([r["oracle"] for r in rules if r["oracle"]]),
+                "oracle_mean": float(np.mean([r["oracle"] for r in rules if r["oracle"]])),
+                "banach_median": _median([r["banach"] for r in rules if r["banach"]]),
+                "banach_mean": float(np.mean([r["banach"] for r in rules if r["banach"]])),
+                "observed_rate_median": _median(
+                    [r["observed_rate"] for r in rules if r["observed_rate"]]
+                ),
+                "observed_rate_violations": sum(
+                    1
+                    for r in rules
+                    if r["observed_rate_error"] is not None
+                    and r["observed_rate_error"] > args.inverse_rtol
+                ),
+                "observed_rate_worst_rel_error": max(
+                    (r["observed_rate_error"] for r in rules if r["observed_rate_error"]),
+                    default=None,
+                ),
+            },
         }
     return out
 
@@ -999,6 +1091,16 @@ def print_tables(result: dict[str, Any]) -> None:
                     toy[m]["iterations_per_sample_median"],
                     toy[m]["iterations_per_block_solve_median"],
                     toy[m]["reconstruction_rel_error_max"],
+                    *(
+                        [
+                            toy[m]["stopping_rules_per_block_solve"]["oracle_median"],
+                            toy[m]["stopping_rules_per_block_solve"]["observed_rate_median"],
+                            toy[m]["stopping_rules_per_block_solve"]["observed_rate_violations"],
+                            toy[m]["stopping_rules_per_block_solve"]["n_solves"],
+                        ]
+                        if "stopping_rules_per_block_solve" in toy[m]
+                        else ["-"] * 4
+                    ),
                 ]
                 for m in ("fixed_point", "anderson")
             ]
@@ -1014,6 +1116,10 @@ def print_tables(result: dict[str, Any]) -> None:
                         "iters per sample (median, all blocks)",
                         "iters per block solve (median)",
                         "max reconstruction rel err",
+                        "oracle (median)",
+                        "observed-rate stop (median)",
+                        "its solves above rtol",
+                        "solves",
                     ],
                     rows,
                 )

@@ -13,6 +13,9 @@ References:
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,6 +25,13 @@ __all__ = ["CLipSwish", "LipSwish", "LipELU", "make_activation", "expansion", "A
 #: ``max_t sqrt(a(t)^2 + (1 - a(t))^2)`` for the Swish slope ``a(t) = sigma(t) + t sigma(t)
 #: (1 - sigma(t))`` (1.1043615... at t = 2.39936, from a 1e-5 grid on [-30, 30]; rounded up).
 CLIPSWISH_GAIN = 1.10437
+
+
+def _inverse_softplus(beta: float) -> Tensor:
+    """``softplus^{-1}(beta) = beta + log(1 - exp(-beta))``, finite for every ``beta > 0``."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be positive and finite, got {beta}")
+    return torch.tensor(beta + math.log(-math.expm1(-beta)))
 
 
 class LipSwish(nn.Module):
@@ -43,7 +53,7 @@ class LipSwish(nn.Module):
     def __init__(self, beta: float = 1.0) -> None:
         super().__init__()
         # softplus^{-1}(beta) so that beta is exactly the starting slope parameter
-        self.raw_beta = nn.Parameter(torch.tensor(float(beta)).expm1().log())
+        self.raw_beta = nn.Parameter(_inverse_softplus(float(beta)))
 
     def forward(self, x: Tensor) -> Tensor:
         beta = F.softplus(self.raw_beta)
@@ -94,7 +104,7 @@ class CLipSwish(nn.Module):
     def __init__(self, dim: int = -1, beta: float = 1.0) -> None:
         super().__init__()
         self.dim = int(dim)
-        self.raw_beta = nn.Parameter(torch.tensor(float(beta)).expm1().log())
+        self.raw_beta = nn.Parameter(_inverse_softplus(float(beta)))
 
     def forward(self, x: Tensor) -> Tensor:
         beta = F.softplus(self.raw_beta)
@@ -108,7 +118,14 @@ ACTIVATIONS = {"lipswish": LipSwish, "clipswish": CLipSwish, "elu": LipELU}
 def make_activation(name: str, **kwargs: object) -> nn.Module:
     """Build an activation by name (``"lipswish"``, ``"clipswish"`` or ``"elu"``).
 
-    ``kwargs`` go to the constructor when it takes them (``dim`` for ``clipswish``).
+    ``kwargs`` are the activation's options (``beta`` for the two Swish variants). ``dim``
+    is a layout hint that only CLipSwish uses (it concatenates along it); the others
+    ignore it. Any other option the activation does not take is an error.
+
+    Example:
+        >>> act = make_activation("lipswish", beta=8.0)
+        >>> float(F.softplus(act.raw_beta.detach()))
+        8.0
     """
     try:
         cls = ACTIVATIONS[name]
@@ -116,7 +133,15 @@ def make_activation(name: str, **kwargs: object) -> nn.Module:
         raise ValueError(
             f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
         ) from None
-    return cls(**kwargs) if cls is CLipSwish else cls()
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    options = {k: v for k, v in kwargs.items() if k in accepted}
+    unknown = sorted(set(kwargs) - accepted - {"dim"})
+    if unknown:
+        raise ValueError(
+            f"activation {name!r} takes no option {', '.join(map(repr, unknown))}; "
+            f"it takes {sorted(accepted) or 'none'}"
+        )
+    return cls(**options)
 
 
 def expansion(activation: nn.Module) -> int:

@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -40,6 +40,7 @@ class LipschitzCNN(nn.Module):
             default ``3, 1, ..., 1, 3``.
         lipschitz: the bound ``c`` in ``(0, 1)``.
         activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
+        activation_kwargs: options of the activation (``beta``).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:
@@ -56,9 +57,11 @@ class LipschitzCNN(nn.Module):
         kernel_sizes: Sequence[int] | None = None,
         lipschitz: float = 0.9,
         activation: str = "lipswish",
+        activation_kwargs: Mapping[str, object] | None = None,
         **spectral_kwargs: object,
     ) -> None:
         super().__init__()
+        act_kwargs = {**dict(activation_kwargs or {}), "dim": -3}  # channels
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3 or any(s < 1 for s in shape):
             raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
@@ -81,7 +84,7 @@ class LipschitzCNN(nn.Module):
             in_shape = (c_in * width, *shape[1:])
             layers.append(spectral_norm(conv, per_layer, input_shape=in_shape, **spectral_kwargs))
             if i < n_layers - 1:
-                layers.append(make_activation(activation, dim=-3))
+                layers.append(make_activation(activation, **act_kwargs))
                 width = expansion(layers[-1])
         self.net = nn.Sequential(*layers)
 

@@ -19,7 +19,7 @@ the first hidden layer, so the bound holds in ``x`` for every fixed context.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,8 @@ class LipschitzMLP(nn.Module):
         activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
         output_dim: size of the output (default ``input_dim``).
         split: ``"equal"`` or ``"learned"``: how ``c`` is shared between the layers.
+        activation_kwargs: options of the activation, e.g. ``{"beta": 16.0}`` for a
+            sharper starting LipSwish (see :func:`~pyro_invres.nn.make_activation`).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:
@@ -86,6 +88,7 @@ class LipschitzMLP(nn.Module):
         activation: str = "lipswish",
         output_dim: int | None = None,
         split: str = "equal",
+        activation_kwargs: Mapping[str, object] | None = None,
         **spectral_kwargs: object,
     ) -> None:
         super().__init__()
@@ -105,7 +108,7 @@ class LipschitzMLP(nn.Module):
             linear = nn.Linear(d_in * width, d_out)
             layers.append(spectral_norm(linear, per_layer, **spectral_kwargs))
             if i < len(dims) - 2:
-                layers.append(make_activation(activation))
+                layers.append(make_activation(activation, **dict(activation_kwargs or {})))
                 width = expansion(layers[-1])
         self.net = nn.Sequential(*layers)
         self.log_gains = nn.Parameter(torch.zeros(len(dims) - 1)) if split == "learned" else None
@@ -148,6 +151,7 @@ class ConditionalLipschitzMLP(nn.Module):
         hidden_dims: sizes of the hidden layers (at least one).
         lipschitz: the bound ``c`` in ``(0, 1)``.
         activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
+        activation_kwargs: options of the activation (``beta``).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:
@@ -164,9 +168,11 @@ class ConditionalLipschitzMLP(nn.Module):
         hidden_dims: Sequence[int],
         lipschitz: float = 0.9,
         activation: str = "lipswish",
+        activation_kwargs: Mapping[str, object] | None = None,
         **spectral_kwargs: object,
     ) -> None:
         super().__init__()
+        act_kwargs = dict(activation_kwargs or {})
         hidden_dims = [int(h) for h in hidden_dims]
         if not hidden_dims:
             raise ValueError("a conditional network needs at least one hidden layer")
@@ -180,14 +186,14 @@ class ConditionalLipschitzMLP(nn.Module):
             nn.Linear(input_dim, hidden_dims[0]), per_layer, **spectral_kwargs
         )
         self.context_layer = nn.Linear(context_dim, hidden_dims[0], bias=False)
-        layers: list[nn.Module] = [make_activation(activation)]
+        layers: list[nn.Module] = [make_activation(activation, **act_kwargs)]
         width = expansion(layers[0])
         dims = [*hidden_dims, self.input_dim]
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
             linear = nn.Linear(d_in * width, d_out)
             layers.append(spectral_norm(linear, per_layer, **spectral_kwargs))
             if i < len(dims) - 2:
-                layers.append(make_activation(activation))
+                layers.append(make_activation(activation, **act_kwargs))
                 width = expansion(layers[-1])
         self.rest = nn.Sequential(*layers)
 
