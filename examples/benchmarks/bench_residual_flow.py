@@ -497,10 +497,12 @@ def stopping_rules(
     """
     from pyro_invres.ops.fixed_point import solve_fixed_point
 
+    inputs: list[torch.Tensor] = []
     iterates: list[torch.Tensor] = []
 
     def f(x: torch.Tensor) -> torch.Tensor:
         out = w - g(x)
+        inputs.append(x)  # Anderson evaluates at mixed points, not at the last output
         iterates.append(out)
         return out
 
@@ -510,8 +512,7 @@ def stopping_rules(
         )
     scale = float(x_true.norm())
     errors = [float((t - x_true).norm()) / scale for t in iterates]
-    prev = [w, *iterates[:-1]]
-    steps = [float((t - p).norm()) for t, p in zip(iterates, prev)]
+    steps = [float((t - p).norm()) for t, p in zip(iterates, inputs)]
     sizes = [float(t.norm()) for t in iterates]
     factor = contraction / (1 - contraction)
     banach = next((k + 1 for k in range(len(steps)) if factor * steps[k] <= rtol * sizes[k]), None)
