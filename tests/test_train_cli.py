@@ -6,7 +6,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_invres.cli import main
+from pyro_invres.cli import DEFAULTS, flow_options, main
 from pyro_invres.datasets import sample_toy
 from pyro_invres.train import (
     CheckpointError,
@@ -236,7 +236,25 @@ def test_cli_fit_writes_everything(fitted):
         assert math.isfinite(metrics[key]), key
     assert metrics["inverse_iterations_sample"] > 0
     assert metrics["config"]["flow"]["hidden_dims"] == [16]
+    assert metrics["config"]["flow"]["activation_kwargs"] == {"beta": DEFAULTS["beta"]}
     assert (fitted / "density.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_flow_options_reach_the_network_and_the_checkpoint(fitted):
+    # the starting beta is in the config the checkpoint rebuilds the flow from
+    flow = load_flow(fitted / "checkpoint.pt")
+    assert flow.flow_config["activation_kwargs"] == {"beta": DEFAULTS["beta"]}
+    fresh = build_flow("iresnet", 2, **flow_options(beta=8.0, num_blocks=1, hidden="4"))
+    betas = [
+        float(torch.nn.functional.softplus(m.raw_beta.detach()))
+        for m in fresh.modules()
+        if hasattr(m, "raw_beta")
+    ]
+    assert betas == pytest.approx([8.0])
+    assert "activation_kwargs" not in flow_options(activation="elu")
+    assert "activation" not in flow_options("revnet")
+    with pytest.raises(TypeError, match="gamma"):
+        flow_options(gamma=1.0)
 
 
 def test_cli_sample_and_evaluate(fitted, tmp_path, capsys):

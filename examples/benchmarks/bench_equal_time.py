@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, env_info, markdown_table, write_json  # noqa: E402
 
-from pyro_invres.cli import DEFAULTS  # noqa: E402
+from pyro_invres.cli import DEFAULTS, flow_options  # noqa: E402
 from pyro_invres.datasets import sample_toy  # noqa: E402
 from pyro_invres.train import build_flow, make_density  # noqa: E402
 
@@ -103,15 +103,7 @@ def exact_nll(to_latent: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 # -- the models ----------------------------------------------------------------------------
 def ours(train: torch.Tensor, seconds: float, seed: int) -> tuple[dict, Callable]:
     torch.manual_seed(seed)
-    flow = build_flow(
-        "iresnet",
-        2,
-        num_blocks=BLOCKS,
-        hidden_dims=HIDDEN,
-        activation=DEFAULTS["activation"],
-        lipschitz=LIPSCHITZ,
-        split=DEFAULTS["split"],
-    )
+    flow = build_flow("iresnet", 2, **flow_options("iresnet"))  # the `pyro-invres fit` flow
     density = make_density(flow, (2,), torch.device("cpu"), train.dtype)
     density.log_prob(train[:BATCH])  # ActNorm's data-dependent initialisation
     stats = train_for(

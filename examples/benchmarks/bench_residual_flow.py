@@ -684,19 +684,13 @@ def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str
 
 def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
     """Solver iterations when sampling from the flow ``pyro-invres fit`` trains by default."""
-    from pyro_invres.cli import DEFAULTS
+    from pyro_invres.cli import DEFAULTS, flow_options
     from pyro_invres.datasets import sample_toy
     from pyro_invres.train import build_flow, evaluate_nll, fit_density
 
     dim, dataset = 2, DEFAULTS["dataset"]
     steps = DEFAULTS["steps"] if args.toy_steps is None else args.toy_steps
-    config = {
-        "num_blocks": DEFAULTS["num_blocks"],
-        "hidden_dims": [int(h) for h in DEFAULTS["hidden"].split(",")],
-        "activation": DEFAULTS["activation"],
-        "lipschitz": DEFAULTS["lipschitz"],
-        "split": DEFAULTS["split"],
-    }
+    config = flow_options("iresnet")
     generator = torch.Generator().manual_seed(args.seed)
     train = sample_toy(dataset, DEFAULTS["n_train"], generator)
     held_out = sample_toy(dataset, DEFAULTS["n_test"], generator)

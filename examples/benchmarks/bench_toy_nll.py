@@ -105,7 +105,7 @@ def peer(name: str, dataset: str, steps: int, seed: int) -> dict:
     return result.summary()
 
 
-def write_doc(results: dict, args: argparse.Namespace, path: Path) -> None:
+def write_doc(results: dict, args: argparse.Namespace, path: Path, date: str | None = None) -> None:
     rows = []
     for dataset, by_flow in results.items():
         ours_nll = by_flow["pyro-invres fit"]["test_nll"]
@@ -130,7 +130,7 @@ of at most +0.05.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Produced by `{command.strip()}` on {datetime.date.today()} (torch {torch.__version__},
+Produced by `{command.strip()}` on {date or datetime.date.today()} (torch {torch.__version__},
 {torch.get_num_threads()} CPU thread(s), {platform.processor() or platform.machine()}).
 Raw numbers: `examples/benchmarks/results/toy_nll_cpu.json`.
 {NOTES}"""
@@ -144,9 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "toy_nll_cpu.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "toy_nll.md"))
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the doc from the results JSON of an earlier run (no training)",
+    )
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # every run uses one thread; the doc reports it
+    if args.render_only:
+        saved = json.loads(Path(args.out).read_text())
+        args.steps, args.argv = saved["steps"], saved.get("argv", [])
+        write_doc(saved["results"], args, Path(args.doc), saved.get("date"))
+        print(Path(args.doc).read_text())
+        return
     results: dict = {}
     for dataset in args.datasets.split(","):
         results[dataset] = {"pyro-invres fit": ours(dataset, args.steps, args.seed)}
@@ -154,8 +165,14 @@ def main(argv: list[str] | None = None) -> None:
             results[dataset][name] = peer(name, dataset, args.steps, args.seed)
         line = {k: round(v["test_nll"], 3) for k, v in results[dataset].items()}
         print(dataset, line, flush=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
-    write_doc(results, args, Path(args.doc))
+    saved = {
+        "steps": args.steps,
+        "argv": args.argv,
+        "date": str(datetime.date.today()),
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(saved, indent=2))
+    write_doc(results, args, Path(args.doc), saved["date"])
     print(Path(args.doc).read_text())
 
 
