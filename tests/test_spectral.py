@@ -1,0 +1,69 @@
+"""The spectral-norm refresh: exact for small layers, Lanczos on the smaller side otherwise."""
+
+import pytest
+import torch
+
+from pyro_invres.nn import spectral_norm
+from pyro_invres.nn.spectral import _EXACT_MAX_SIDE, SpectralNormScale
+
+
+def _norm(weight: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(weight.detach().double(), ord=2))
+
+
+def _param(layer: torch.nn.Module) -> SpectralNormScale:
+    return layer.parametrizations.weight[0]
+
+
+@pytest.mark.parametrize("shape", [(32, 2), (2, 32), (32, 32), (20, 7)])
+def test_small_layers_get_the_exact_norm_at_every_step(shape):
+    torch.manual_seed(0)
+    c = 0.9
+    layer = spectral_norm(torch.nn.Linear(shape[1], shape[0]), c)
+    original = layer.parametrizations.weight.original
+    for _ in range(30):
+        with torch.no_grad():  # an optimiser step that grows the weight
+            original.mul_(1.05).add_(0.05 * torch.randn_like(original))
+        weight = layer.weight
+        sn = _param(layer)
+        true = _norm(original)
+        assert float(sn.sigma(original.detach())) == pytest.approx(true, rel=2e-6)
+        assert _norm(weight) <= c * (1 + 2e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_lanczos_runs_on_the_smaller_side_and_stops_when_it_is_full(shape):
+    assert min(shape) > _EXACT_MAX_SIDE
+    torch.manual_seed(1)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    sn = SpectralNormScale(weight, 1.0, tol=0.0)  # only a full Krylov space can stop it
+    products = []
+    matvec = sn._matvec
+    sn._matvec = lambda w, v: products.append(1) or matvec(w, v)
+    assert sn.refresh(weight, max_iterations=500)
+    # one product for the starting estimate, at most one per step in a 40-dimensional
+    # space, one for the final vectors
+    assert len(products) <= 40 + 2
+    assert float(sn.sigma(weight)) == pytest.approx(_norm(weight), rel=1e-10)
+
+
+def test_a_converged_lanczos_state_is_left_bit_for_bit():
+    torch.manual_seed(2)
+    weight = torch.randn(64, 48)
+    sn = SpectralNormScale(weight, 1.0)
+    sn.refresh(weight, max_iterations=500)
+    u, v = sn.u.clone(), sn.v.clone()
+    assert sn.refresh(weight)
+    assert torch.equal(sn.u, u) and torch.equal(sn.v, v)
+
+
+def test_exact_refresh_is_deterministic_and_keeps_the_bound_in_float64():
+    torch.manual_seed(3)
+    weight = torch.randn(32, 5, dtype=torch.float64)
+    sn = SpectralNormScale(weight, 0.5)
+    assert sn.refresh(weight)
+    u, v = sn.u.clone(), sn.v.clone()
+    assert sn.refresh(weight)
+    assert torch.equal(sn.u, u) and torch.equal(sn.v, v)
+    assert float(sn.sigma(weight)) == pytest.approx(_norm(weight), rel=1e-12)
+    assert _norm(sn(weight)) <= 0.5 * (1 + 1e-12)
