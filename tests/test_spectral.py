@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyro_invres.nn import spectral_norm
+from pyro_invres.nn import spectral, spectral_norm
 from pyro_invres.nn.spectral import _EXACT_MAX_SIDE, SpectralNormScale
 
 
@@ -67,3 +67,18 @@ def test_exact_refresh_is_deterministic_and_keeps_the_bound_in_float64():
     assert torch.equal(sn.u, u) and torch.equal(sn.v, v)
     assert float(sn.sigma(weight)) == pytest.approx(_norm(weight), rel=1e-12)
     assert _norm(sn(weight)) <= 0.5 * (1 + 1e-12)
+
+
+def test_the_torch_and_numpy_lanczos_paths_agree(monkeypatch):
+    # CPU dense layers iterate on numpy views; convolutions and GPU tensors use torch
+    torch.manual_seed(4)
+    weight = torch.randn(100, 80, dtype=torch.float64)
+    results = []
+    for host in (True, False):
+        if not host:
+            monkeypatch.setattr(spectral, "_HOST_DTYPES", ())
+        sn = SpectralNormScale(weight, 1.0)
+        assert sn.refresh(weight, max_iterations=300)
+        results.append(float(sn.sigma(weight)))
+    assert results[0] == pytest.approx(_norm(weight), rel=1e-10)
+    assert results[1] == pytest.approx(results[0], rel=1e-10)
