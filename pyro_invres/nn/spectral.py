@@ -9,8 +9,8 @@ The weight a layer sees is
 where :math:`\\hat\\sigma(W)` is a warm-started Lanczos estimate of the operator norm of the
 layer and :math:`c` the Lipschitz coefficient: weights whose norm is already below ``c``
 are left alone (Behrmann et al. 2019, Chen et al. 2019). Dense layers with a side of at
-most 32 get the exact norm instead, from the eigen-decomposition of the Gram matrix of
-that side (``W^T W`` or ``W W^T``, at most 32 x 32).
+most 8 (the first and last layers of 2-D flows) get the exact norm instead, from the
+eigen-decomposition of the Gram matrix of that side (``W^T W`` or ``W W^T``).
 
 Unlike the reference implementations there is no manual ``update_lipschitz`` step:
 the power-iteration vectors live in buffers and are refreshed *inside* the forward pass,
@@ -62,12 +62,17 @@ def default_power_tolerance(dtype: torch.dtype) -> float:
 
 
 _LANCZOS_BASIS = 32
-# Dense layers with a side this small (all layers of the 2-D flows `pyro-invres fit`
-# trains) get the exact norm from the eigen-decomposition of the Gram matrix of that side:
-# no estimation error, and fewer tensor operations than a few Lanczos steps (a 2-D fit
-# step spent 15 ms of ~60 in refreshes with Lanczos, 6 ms with this).
-_EXACT_MAX_SIDE = 32
+# Dense layers with a side this small (the 2 -> h and h -> 2 layers of 2-D flows) get the
+# exact norm from the eigen-decomposition of the Gram matrix of that side: no estimation
+# error, and fewer operations than Lanczos. Not for larger sides: LAPACK's eigh of a
+# 32 x 32 matrix is multi-threaded by OpenBLAS, and its spinning threads made a 2-D fit
+# step's refreshes 6x slower (36 ms instead of 6) when another process shared the CPU.
+_EXACT_MAX_SIDE = 8
 _HOST_DTYPES = (torch.float32, torch.float64)
+# Above this, numpy's products run multi-threaded in OpenBLAS (ignoring torch's thread
+# setting; 2x slower at 2048 x 2048 when another process shares the CPU) while torch's
+# dispatch overhead no longer matters next to the product itself.
+_HOST_MAX_NUMEL = 1 << 20
 
 
 def _normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
@@ -220,7 +225,7 @@ class SpectralNormScale(nn.Module):
         Krylov space is invariant or fills the space. The first step is exactly a power
         step: when it already meets the tolerance nothing is committed, so refreshing a
         converged state leaves the buffers bit-for-bit unchanged. Dense layers with a side
-        of at most 32 are solved exactly instead (always converged).
+        of at most 8 are solved exactly instead (always converged).
         """
         weight = weight.detach()
         if self._exact_ok and min(self.u.numel(), self.v.numel()) <= _EXACT_MAX_SIDE:
@@ -256,7 +261,12 @@ class SpectralNormScale(nn.Module):
         # outputs): a 32 x 2 layer then needs at most two steps.
         on_inputs = self.v.numel() <= self.u.numel()
         floor = 16 * torch.finfo(weight.dtype).eps
-        if self._exact_ok and weight.device.type == "cpu" and weight.dtype in _HOST_DTYPES:
+        if (
+            self._exact_ok
+            and weight.device.type == "cpu"
+            and weight.dtype in _HOST_DTYPES
+            and weight.numel() <= _HOST_MAX_NUMEL
+        ):
             # A dense layer on the CPU: the same iteration on numpy views of the tensors,
             # whose per-operation overhead is a fraction of torch's (a 256-wide step took
             # ~150 us in torch, mostly dispatch).
