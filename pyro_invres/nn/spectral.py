@@ -249,12 +249,7 @@ class SpectralNormScale(nn.Module):
         # float64 on the host: the matrix is at most 8 x 8
         vectors = np.linalg.eigh(gram.detach().to("cpu", torch.float64).numpy())[1]
         top = torch.from_numpy(np.ascontiguousarray(vectors[:, -1])).to(weight)
-        if on_inputs:
-            self.v.copy_(top)
-            self.u.copy_(_normalize(self._matvec(weight, top)))
-        else:
-            self.u.copy_(top)
-            self.v.copy_(_normalize(self._rmatvec(weight, top)))
+        self._commit(weight, top, on_inputs)
 
     def _lanczos(self, weight: Tensor, steps: int, sigma: float, tol: float) -> tuple[float, bool]:
         # Run on the Gram operator of the smaller side (W^T W on inputs or W W^T on
@@ -306,14 +301,17 @@ class SpectralNormScale(nn.Module):
             top = torch.from_numpy(basis[:k].T @ ritz.astype(basis.dtype)).to(weight)
         else:
             top = basis[:k].t() @ torch.from_numpy(ritz).to(weight)
-        top = _normalize(top)
+        self._commit(weight, _normalize(top), on_inputs)
+        return sigma, converged
+
+    def _commit(self, weight: Tensor, top: Tensor, on_inputs: bool) -> None:
+        """Store the top singular pair from the unit top vector of the smaller side."""
         if on_inputs:
             self.v.copy_(top)
             self.u.copy_(_normalize(self._matvec(weight, top)))
         else:
             self.u.copy_(top)
             self.v.copy_(_normalize(self._rmatvec(weight, top)))
-        return sigma, converged
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The current estimate ``u^T W v`` (differentiable in ``weight``)."""
