@@ -54,13 +54,18 @@ def test_logdet_computed_once_per_pair():
     torch.manual_seed(0)
     block = iresnet(3, [8])
     calls = {"n": 0}
-    net_forward = block.nn.forward
+    net_forward, net_jacobian = block.nn.forward, block.nn.forward_with_jacobian
 
     def counting(x):
         calls["n"] += 1
         return net_forward(x)
 
+    def counting_jacobian(x):
+        calls["n"] += 1
+        return net_jacobian(x)
+
     block.nn.forward = counting
+    block.nn.forward_with_jacobian = counting_jacobian
     x = torch.randn(5, 3)
     y = block(x)
     first = block.log_abs_det_jacobian(x, y)

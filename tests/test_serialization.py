@@ -48,6 +48,7 @@ from pyro_invres import (
     residual_flow,
     revnet_block,
 )
+from pyro_invres.nn import LipschitzMLP
 
 CONTEXT = 2
 IMAGE = (1, 4, 4)
@@ -347,19 +348,50 @@ def test_traced_coupling_flow_reproduces_samples_and_logdets(training):
 
 def test_traced_explicit_residual_direction_reproduces_samples():
     torch.manual_seed(0)
-    flow = residual_flow(2, num_blocks=2, hidden_dims=[8], actnorm=False)
+    flow = residual_flow(2, num_blocks=2, hidden_dims=[8], actnorm=False).eval()
     traced = trace(Sampler(flow, with_logdet=False), torch.randn(5, 2))
     z = torch.randn(7, 2)
     assert torch.equal(traced(z), flow(z.clone()))
 
 
-def test_tracing_the_exact_residual_logdet_fails():
-    """Documented: the exact log-det differentiates inside the map (torch.autograd.grad with
-    batched vector-Jacobian products), which torch.jit.trace cannot record."""
+def test_traced_exact_residual_logdet_matches_eager():
+    """The network carries its Jacobian forward (no autograd.grad inside the map), so a
+    trace records the exact log-det too."""
     torch.manual_seed(0)
-    block = iresnet(2, [8])
+    flow = residual_flow(2, num_blocks=2, hidden_dims=[8], actnorm=False).eval()
+    traced = trace(Sampler(flow), torch.randn(5, 2))
+    z = torch.randn(7, 2)
+    for u, v in zip(traced(z), Sampler(flow)(z.clone())):
+        assert torch.equal(u, v)
+
+
+class OpaqueNet(torch.nn.Module):
+    """A Lipschitz network that does not carry its Jacobian (any user's network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = LipschitzMLP(2, [8], lipschitz=0.9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g(x)
+
+
+def test_tracing_the_vjp_exact_logdet_fails():
+    """Documented: without a carried Jacobian the exact log-det differentiates inside the
+    map (torch.autograd.grad with batched vector-Jacobian products), which torch.jit.trace
+    cannot record."""
+    torch.manual_seed(0)
+    block = InvertibleResidual(OpaqueNet(), 2, lipschitz=0.9).eval()
+    assert not block._carries_jacobian()
     with pytest.raises(AssertionError, match="sym_eq"):
         trace(Sampler(block), torch.randn(5, 2))
+
+
+def test_tracing_spectral_norm_in_training_mode_is_refused():
+    """A trace would freeze the norm refresh: the bound would go stale as weights train."""
+    block = iresnet(2, [8])
+    with pytest.raises(RuntimeError, match="cannot be traced in training mode"):
+        trace(Sampler(block, with_logdet=False), torch.randn(5, 2))
 
 
 def test_tracing_an_iterative_direction_is_refused():
@@ -418,13 +450,13 @@ def test_jit_trace_elbo_fails_for_auto_normalizing_flow_in_pyro(make):
 
 
 def test_jit_trace_elbo_with_the_alias_removed():
-    """With the alias removed, coupling flows run under JitTrace_ELBO; residual flows still
-    stop at the exact log-det (``torch.autograd.grad`` cannot be traced)."""
+    """With the alias removed, coupling flows run under JitTrace_ELBO; residual flows are
+    refused with a clear error (a trace would freeze the spectral-norm refresh)."""
     torch.manual_seed(0)
     losses = jit_svi_losses(NoAliasNormalizingFlow(banana, coupling_guide_flow))
     assert all(torch.isfinite(torch.tensor(losses)))
     pyro.clear_param_store()
-    with pytest.raises(AssertionError, match="sym_eq"):
+    with pytest.raises(RuntimeError, match="cannot be traced in training mode"):
         jit_svi_losses(NoAliasNormalizingFlow(banana, GUIDE_FLOW))
 
 

@@ -40,19 +40,30 @@ class Preempted(RuntimeError):
 
 
 def fail_at_step(flow, step, error):
-    """Make the first block's network raise (or return nan) on training step ``step``."""
+    """Make the first block's network raise (or return nan) on training step ``step``.
+
+    Both ways the block evaluates its network (``forward``, and ``forward_with_jacobian``
+    for the exact log-det) are wrapped on the instance: a forward hook would switch the
+    block to the path that honours hooks, and the runs compared here must take one path.
+    """
+    net = flow[0].nn
     calls = {"n": 0}
 
-    def hook(module, args):
-        if module.training and torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == step:
-                if error == "nan":
-                    return (args[0] * float("nan"),)
-                raise Preempted(f"preempted at step {step}")
-        return None
+    def wrap(method):
+        def wrapped(x, *args, **kwargs):
+            if net.training and torch.is_grad_enabled():
+                calls["n"] += 1
+                if calls["n"] == step:
+                    if error == "nan":
+                        x = x * float("nan")
+                    else:
+                        raise Preempted(f"preempted at step {step}")
+            return method(x, *args, **kwargs)
 
-    return flow[0].nn.register_forward_pre_hook(hook)
+        return wrapped
+
+    net.forward = wrap(net.forward)
+    net.forward_with_jacobian = wrap(net.forward_with_jacobian)
 
 
 # -- build_flow --------------------------------------------------------------------------------

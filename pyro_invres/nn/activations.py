@@ -59,6 +59,18 @@ class LipSwish(nn.Module):
         beta = F.softplus(self.raw_beta)
         return x * torch.sigmoid(beta * x) / 1.1
 
+    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), diag(phi'(x)) @ jac)`` for a Jacobian ``jac`` shaped ``x.shape + (k,)``.
+
+        .. math::
+
+            \\phi'(x) = \\frac{s + \\beta x\\, s (1 - s)}{1.1}, \\qquad s = \\sigma(\\beta x)
+        """
+        beta = F.softplus(self.raw_beta)
+        s = torch.sigmoid(beta * x)
+        slope = (s + beta * x * s * (1 - s)) / 1.1
+        return x * s / 1.1, slope.unsqueeze(-1) * jac
+
 
 class LipELU(nn.ELU):
     """ELU with ``alpha = 1`` (1-Lipschitz, smooth at 0 to first order).
@@ -71,6 +83,11 @@ class LipELU(nn.ELU):
 
     def __init__(self) -> None:
         super().__init__(alpha=1.0)
+
+    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
+        """``(elu(x), diag(elu'(x)) @ jac)``, with ``elu'(x) = 1`` for ``x > 0``, else ``e^x``."""
+        slope = torch.where(x > 0, torch.ones_like(x), torch.exp(torch.clamp(x, max=0.0)))
+        return F.elu(x), slope.unsqueeze(-1) * jac
 
 
 class CLipSwish(nn.Module):
@@ -110,6 +127,19 @@ class CLipSwish(nn.Module):
         beta = F.softplus(self.raw_beta)
         both = torch.cat([x, -x], dim=self.dim)
         return both * torch.sigmoid(beta * both) / CLIPSWISH_GAIN
+
+    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), J_phi(x) @ jac)`` for vectors (``dim=-1``); ``jac`` is ``x.shape + (k,)``.
+
+        The Jacobian of ``[s(x), s(-x)]`` stacks ``diag(s'(x))`` over ``-diag(s'(-x))``.
+        """
+        if self.dim not in (-1, x.dim() - 1):
+            raise ValueError("CLipSwish.forward_with_jacobian takes vectors (dim=-1) only")
+        beta = F.softplus(self.raw_beta)
+        both = torch.cat([x, -x], dim=-1)
+        s = torch.sigmoid(beta * both)
+        slope = (s + beta * both * s * (1 - s)) / CLIPSWISH_GAIN
+        return both * s / CLIPSWISH_GAIN, slope.unsqueeze(-1) * torch.cat([jac, -jac], dim=-2)
 
 
 ACTIVATIONS = {"lipswish": LipSwish, "clipswish": CLipSwish, "elu": LipELU}

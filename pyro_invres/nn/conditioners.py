@@ -25,7 +25,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions import is_validation_enabled
@@ -219,6 +219,18 @@ class ContextBound(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         return self.net(x, context=self.context)
+
+    @property
+    def forward_with_jacobian(self) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """``x -> net.forward_with_jacobian(x, context)``, where ``net`` has it.
+
+        A property so that ``hasattr`` answers whether the wrapped network carries its
+        Jacobian forward (an ``AttributeError`` means it does not).
+        """
+        inner = getattr(self.net, "forward_with_jacobian", None)
+        if inner is None:
+            raise AttributeError(f"{type(self.net).__name__} has no forward_with_jacobian")
+        return lambda x: inner(x, context=self.context)
 
 
 def _lean_forward(net: ConditionalDenseNN, x: Tensor) -> Tensor | tuple[Tensor, ...]:

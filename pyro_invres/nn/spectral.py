@@ -338,6 +338,15 @@ class SpectralNormScale(nn.Module):
         self._weight_seen = self._value_digest(weight)
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.training and torch.jit.is_tracing():
+            # a trace would freeze the refresh (a data-dependent loop, partly in numpy):
+            # as the weights train, the bound would silently go stale
+            raise RuntimeError(
+                "a spectrally normalised layer cannot be traced in training mode: its "
+                "norm refresh is a data-dependent loop that a trace would freeze, and the "
+                "Lipschitz bound would go stale as the weights change; trace an eval-mode "
+                "module (frozen weights) or train with Trace_ELBO instead of JitTrace_ELBO"
+            )
         # Evaluation tops up, once, a training-mode refresh that stopped at its cap; after
         # that the layer is fixed until the weight changes, converged or not.
         if self._changed(weight) or (not self.training and not self._converged):

@@ -11,6 +11,7 @@ from .fixed_point import (
 from .implicit import residual_inverse
 from .logdet import (
     logdet_exact,
+    logdet_from_jacobian,
     logdet_roulette,
     logdet_series,
     make_vjp,
@@ -26,6 +27,7 @@ __all__ = [
     "SolveInfo",
     "default_tolerances",
     "logdet_exact",
+    "logdet_from_jacobian",
     "logdet_roulette",
     "logdet_series",
     "make_vjp",

@@ -20,10 +20,11 @@ Gradients through the iterative side are exact, by implicit differentiation
 (:func:`~pyro_invres.ops.residual_inverse`); the log-det is differentiable in the
 parameters and in the input.
 
-Log-det estimators (``logdet=``): ``"exact"`` (the full Jacobian, ``D`` vector-Jacobian
-products: small ``D``), ``"series"`` (truncated power series with Hutchinson probes;
-biased), ``"roulette"`` (unbiased Russian roulette), ``"auto"`` (exact up to
-``exact_max_dim`` dimensions, roulette above).
+Log-det estimators (``logdet=``): ``"exact"`` (the full Jacobian, from ``D``
+vector-Jacobian products or carried forward by a network that offers
+``forward_with_jacobian``: small ``D``), ``"series"`` (truncated power series with
+Hutchinson probes; biased), ``"roulette"`` (unbiased Russian roulette), ``"auto"`` (exact
+up to ``exact_max_dim`` dimensions, roulette above).
 
 References:
     [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
@@ -53,11 +54,15 @@ from ..ops.logdet import (
     PROBES,
     ROULETTE_DISTRIBUTIONS,
     logdet_exact,
+    logdet_from_jacobian,
     logdet_roulette,
     logdet_series,
     make_vjp,
 )
 from .base import InvertibleModule, as_event_shape
+
+# what the forward pass keeps for the log-det: (z, g(z), dg/dz or None), z on the graph
+_Memo = tuple[Tensor, Tensor, "Tensor | None"]
 
 __all__ = [
     "ConditionalInvertibleResidual",
@@ -247,9 +252,9 @@ class InvertibleResidual(InvertibleModule):
             return z + self.nn(z)
         # g is evaluated at a copy of z that the graph can differentiate against, and the
         # pair is kept so that the log-det of this very call reuses it.
-        zc, gz = self._graph_at(z)
-        self._remember_ladj((zc, gz))
-        return zc + gz
+        memo = self._graph_at(z)
+        self._remember_ladj(memo)
+        return memo[0] + memo[1]
 
     def _warm_start(self, w: Tensor) -> Tensor | None:
         """A starting point from the last cached pair, where it beats starting at ``w``.
@@ -314,7 +319,7 @@ class InvertibleResidual(InvertibleModule):
             return self.logdet
         return "exact" if math.prod(self.event_shape) <= self.exact_max_dim else "roulette"
 
-    def residual_logdet(self, z: Tensor, memo: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def residual_logdet(self, z: Tensor, memo: _Memo | None = None) -> Tensor:
         """``log det(I + J_g(z))`` with this block's estimator, shaped like the batch."""
         grad = torch.is_grad_enabled()
         method = self.logdet_method
@@ -323,14 +328,16 @@ class InvertibleResidual(InvertibleModule):
         with torch.enable_grad():
             if memo is None:
                 memo = self._graph_at(z)
-            zc, gz = memo
-            if grad and method != "exact" and self.gradient == "forward" and self._may_store():
+            zc, gz, jac = memo
+            if jac is not None and method == "exact":
+                value = logdet_from_jacobian(jac)
+            elif grad and method != "exact" and self.gradient == "forward" and self._may_store():
                 value = logdet_with_forward_gradient(
                     partial(self._estimate, method=method, differentiable=True),
                     zc,
                     gz,
                     list(self.parameters()),
-                    rebuild=lambda: self._graph_at(z.detach()),
+                    rebuild=lambda: self._graph_at(z.detach(), jacobian=False)[:2],
                     seed=seed,
                     event_dim=self.event_dim,
                 )
@@ -339,9 +346,24 @@ class InvertibleResidual(InvertibleModule):
                 value = self._estimate(zc, gz, generator, method=method, differentiable=grad)
         return value if grad else value.detach()
 
-    def _graph_at(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _graph_at(self, z: Tensor, jacobian: bool = True) -> _Memo:
         zc = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
-        return zc, self.nn(zc)
+        if jacobian and self._carries_jacobian():
+            # the exact log-det from a Jacobian carried forward: training then needs one
+            # plain backward instead of a double backward through D vector-Jacobian
+            # products, and torch.jit.trace can record it
+            gz, jac = self.nn.forward_with_jacobian(zc)
+            return zc, gz, jac
+        return zc, self.nn(zc), None
+
+    def _carries_jacobian(self) -> bool:
+        if not (self.logdet_method == "exact" and self.event_dim == 1):
+            return False
+        if not hasattr(self.nn, "forward_with_jacobian"):
+            return False
+        # forward_with_jacobian bypasses Module.__call__: a network someone hooked (to
+        # inspect or alter activations) keeps the path that calls it
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.nn.modules())
 
     def _may_store(self) -> bool:
         # gradients stored in the forward pass only cover x and the parameters: a context
