@@ -33,7 +33,8 @@ from torch import Tensor
 __all__ = ["DEFAULTS", "flow_options", "main"]
 
 #: The ``fit`` defaults. Measured on moons (one thread): about 84 s in all, test NLL
-#: 2.417 (76 s and 2.408 since the spectral refresh got cheaper and beta = 32).
+#: 2.417 (76 s and 2.408 since the spectral refresh got cheaper and beta = 32; 64 s and
+#: 2.406 since the exact log-det uses the Jacobian the network carries forward).
 #: Six blocks of [32, 32] beat four of [64, 64] (2.51-2.64) at the same cost; with
 #: lr 1e-2 and Lip 0.97 LipSwish edged out ELU (2.47 vs 2.50), while at lr 5e-3 and Lip
 #: 0.9 ELU was ahead (2.65 vs 2.73). The learned Lipschitz split took checkerboard from

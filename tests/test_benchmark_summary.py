@@ -19,3 +19,4 @@ def test_summarize_writes_the_results_page(tmp_path):
     assert "Residual flows against normflows" in text
     assert "Reversible back-propagation" in text
     assert "| A | ours |" in text and "| 64 | ours |" in text
+    assert "| fit default |" in text
