@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import inflate
 from torch.func import jacrev, vmap
 
 from pyro_invres import iresnet
@@ -9,6 +10,7 @@ from pyro_invres.nn.activations import (
     CLIPSWISH_GAIN,
     CLipSwish,
     LipELU,
+    LipSine,
     LipSwish,
     make_activation,
 )
@@ -57,6 +59,30 @@ def test_clipswish_vector_jacobian_norm_is_the_largest_column():
 def test_clipswish_images_concatenate_channels():
     act = CLipSwish(dim=-3)
     assert act(torch.randn(2, 3, 4, 5)).shape == (2, 6, 4, 5)
+
+
+@pytest.mark.parametrize("omega", [0.5, 4.0, 30.0])
+def test_sine_is_one_lipschitz_and_tight(omega):
+    act = LipSine(omega=omega).double()
+    x = torch.linspace(-20, 20, 40001, dtype=torch.float64).reshape(-1, 1) / omega
+    norm = _max_jacobian_norm(act, x)
+    assert 1.0 - 1e-9 <= norm <= 1.0
+    # a sum of many units is bounded by the product of the layer norms, not by the units
+    g = iresnet(2, [64], activation="sine", activation_kwargs={"omega": omega}, lipschitz=0.9)
+    g = g.nn.double().eval()
+    inflate(g)  # so the normalisation binds: unnormalised, these weights give norms >> 1
+    pts = 5 * torch.randn(2000, 2, dtype=torch.float64)
+    jac = g.forward_with_jacobian(pts)[1].detach()  # checked against autograd elsewhere
+    assert float(torch.linalg.matrix_norm(jac, ord=2).max()) <= 0.9 + 1e-9
+
+
+def test_sine_starting_frequency_and_its_checks():
+    act = make_activation("sine", omega=7.0)
+    assert float(torch.nn.functional.softplus(act.raw_omega.detach())) == pytest.approx(7.0)
+    with pytest.raises(ValueError, match="omega must be positive"):
+        make_activation("sine", omega=-1.0)
+    with pytest.raises(ValueError, match="takes no option 'beta'"):
+        make_activation("sine", beta=2.0)
 
 
 def test_elu_is_one_lipschitz():

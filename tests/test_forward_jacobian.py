@@ -20,7 +20,7 @@ from pyro_invres.nn import ConditionalLipschitzMLP, ContextBound, LipschitzMLP
 from pyro_invres.nn.activations import CLipSwish, LipELU, LipSwish
 from pyro_invres.ops import logdet_exact, logdet_from_jacobian, make_vjp
 
-ACTIVATIONS = ["lipswish", "clipswish", "elu"]
+ACTIVATIONS = ["lipswish", "clipswish", "elu", "sine"]
 
 
 def autograd_jacobian(f, x):

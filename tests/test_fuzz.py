@@ -104,7 +104,7 @@ def _iresnet_options(draw: Draw) -> dict:
         "lipschitz": draw(st.sampled_from([0.5, 0.9, 0.97])),
         "explicit": draw(st.sampled_from(["forward", "inverse"])),
         "logdet": draw(st.sampled_from(["exact", "series", "roulette"])),
-        "activation": draw(st.sampled_from(["lipswish", "elu"])),
+        "activation": draw(st.sampled_from(["lipswish", "elu", "sine"])),
         "solver": draw(st.sampled_from(["fixed_point", "anderson"])),
         "max_iter": draw(st.sampled_from([2, 1000])),
         "strict": draw(st.booleans()),

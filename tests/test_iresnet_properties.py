@@ -18,7 +18,7 @@ configs = st.fixed_dictionaries(
         "lipschitz": st.floats(0.1, 0.95),
         "seed": st.integers(0, 2**16),
         "explicit": st.sampled_from(["forward", "inverse"]),
-        "activation": st.sampled_from(["lipswish", "clipswish", "elu"]),
+        "activation": st.sampled_from(["lipswish", "clipswish", "elu", "sine"]),
         "split": st.sampled_from(["equal", "learned"]),
     }
 )

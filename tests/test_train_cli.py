@@ -247,21 +247,29 @@ def test_cli_fit_writes_everything(fitted):
         assert math.isfinite(metrics[key]), key
     assert metrics["inverse_iterations_sample"] > 0
     assert metrics["config"]["flow"]["hidden_dims"] == [16]
-    assert metrics["config"]["flow"]["activation_kwargs"] == {"beta": DEFAULTS["beta"]}
+    assert metrics["config"]["flow"]["activation"] == DEFAULTS["activation"] == "sine"
+    assert metrics["config"]["flow"]["activation_kwargs"] == {"omega": DEFAULTS["omega"]}
     assert (fitted / "density.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fit_flow_options_reach_the_network_and_the_checkpoint(fitted):
-    # the starting beta is in the config the checkpoint rebuilds the flow from
+    # the starting frequency is in the config the checkpoint rebuilds the flow from
     flow = load_flow(fitted / "checkpoint.pt")
-    assert flow.flow_config["activation_kwargs"] == {"beta": DEFAULTS["beta"]}
-    fresh = build_flow("iresnet", 2, **flow_options(beta=8.0, num_blocks=1, hidden="4"))
-    betas = [
-        float(torch.nn.functional.softplus(m.raw_beta.detach()))
-        for m in fresh.modules()
-        if hasattr(m, "raw_beta")
-    ]
-    assert betas == pytest.approx([8.0])
+    assert flow.flow_config["activation_kwargs"] == {"omega": DEFAULTS["omega"]}
+
+    def starts(flow, name):
+        return [
+            float(torch.nn.functional.softplus(getattr(m, name).detach()))
+            for m in flow.modules()
+            if hasattr(m, name)
+        ]
+
+    opts = {"num_blocks": 1, "hidden": "4"}
+    swish = build_flow("iresnet", 2, **flow_options(activation="lipswish", beta=8.0, **opts))
+    assert starts(swish, "raw_beta") == pytest.approx([8.0])
+    sine = build_flow("iresnet", 2, **flow_options(omega=2.5, **opts))
+    assert starts(sine, "raw_omega") == pytest.approx([2.5])
+    assert starts(sine, "raw_beta") == []
     assert "activation_kwargs" not in flow_options(activation="elu")
     assert "activation" not in flow_options("revnet")
     with pytest.raises(TypeError, match="gamma"):

@@ -64,11 +64,12 @@ class LipschitzMLP(nn.Module):
         input_dim: size ``D`` of the input (and output).
         hidden_dims: sizes of the hidden layers.
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
-        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
         output_dim: size of the output (default ``input_dim``).
         split: ``"equal"`` or ``"learned"``: how ``c`` is shared between the layers.
         activation_kwargs: options of the activation, e.g. ``{"beta": 16.0}`` for a
-            sharper starting LipSwish (see :func:`~pyro_invres.nn.make_activation`).
+            sharper starting LipSwish or ``{"omega": 4.0}`` for the sine's starting
+            frequency (see :func:`~pyro_invres.nn.make_activation`).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:
@@ -201,8 +202,8 @@ class ConditionalLipschitzMLP(nn.Module):
         context_dim: size of the context ``z``.
         hidden_dims: sizes of the hidden layers (at least one).
         lipschitz: the bound ``c`` in ``(0, 1)``.
-        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
-        activation_kwargs: options of the activation (``beta``).
+        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        activation_kwargs: options of the activation (``beta``, ``omega``).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 
     Example:

@@ -481,13 +481,14 @@ def iresnet(
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` (cheap sampling) or ``"inverse"`` (cheap scoring).
         logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
+        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
         kernel_sizes: images only: one odd kernel size per layer (default 3-1-...-1-3).
         split: vectors only: ``"equal"`` or ``"learned"`` sharing of ``c`` between the
             layers (see :class:`~pyro_invres.nn.LipschitzMLP`).
         activation_kwargs: options of the activation, e.g. ``{"beta": 16.0}``: a LipSwish
             that starts sharper (closer to a scaled ReLU) bends the block more per unit of
-            distance, which thin structures such as concentric rings need.
+            distance; ``{"omega": 4.0}``: the starting frequency of ``"sine"``, which
+            bends it many times and suits thin, repeated structure (concentric rings).
         **kwargs: further options of :class:`InvertibleResidual`.
 
     Example:
@@ -552,8 +553,8 @@ def conditional_iresnet(
         lipschitz: the bound on ``Lip_z(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` or ``"inverse"``.
         logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        activation: ``"lipswish"``, ``"clipswish"`` or ``"elu"``.
-        activation_kwargs: options of the activation (``beta``).
+        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        activation_kwargs: options of the activation (``beta``, ``omega``).
         **kwargs: further options of :class:`InvertibleResidual`.
 
     Example:
