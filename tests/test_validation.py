@@ -20,7 +20,7 @@ def test_lipschitz_outside_open_unit_interval(c):
         ("explicit", "sideways"),
         ("logdet", "magic"),
         ("activation", "relu"),
-        ("solver", "newton"),
+        ("solver", "broyden"),
         ("roulette", "binomial"),
         ("probe", "uniform"),
     ],

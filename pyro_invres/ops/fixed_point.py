@@ -20,10 +20,25 @@ the iteration count, or :class:`ConvergenceError` is raised with ``strict=True``
 Anderson acceleration (``method="anderson"``) mixes the last ``m`` iterates by a small
 least-squares problem (Walker & Ni 2011); it usually needs far fewer evaluations of ``f``.
 
+Newton's method (``method="newton"``) takes a callable that returns the Jacobian of ``f``
+with its value (a network that carries its Jacobian forward gives both in one pass) and
+steps to the root of ``F(x) = x - f(x)``:
+
+.. math::
+
+    x_{k+1} = x_k - (I - J_f(x_k))^{-1} (x_k - f(x_k)),
+
+which converges quadratically near the solution. It is safeguarded: a Newton point whose
+step ``||f(x) - x||`` did not shrink by the contraction factor against the last accepted
+point is replaced by the Banach step from that point, whose step is guaranteed to shrink
+by it, so the solve converges from any start. The stopping rule is the same Banach bound.
+
 References:
     [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
     [2] Walker & Ni, *Anderson Acceleration for Fixed-Point Iterations*, SIAM J. Numer.
         Anal. 49(4), 2011.
+    [3] Nocedal & Wright, *Numerical Optimization*, 2nd ed., Springer 2006, ch. 11
+        (Newton's method for nonlinear equations, safeguarded steps).
 """
 
 from __future__ import annotations
@@ -45,7 +60,7 @@ __all__ = [
     "SOLVER_METHODS",
 ]
 
-SOLVER_METHODS = ("fixed_point", "anderson")
+SOLVER_METHODS = ("fixed_point", "anderson", "newton")
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -112,6 +127,7 @@ def solve_fixed_point(
     max_iter: int = 1000,
     method: str = "fixed_point",
     history: int = 5,
+    jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     strict: bool = False,
     what: str = "fixed-point solve",
 ) -> tuple[Tensor, SolveInfo]:
@@ -125,9 +141,12 @@ def solve_fixed_point(
         atol: absolute tolerance (default from :func:`default_tolerances`).
         rtol: relative tolerance (default from :func:`default_tolerances`).
         max_iter: the most evaluations of ``f``.
-        method: ``"fixed_point"`` (Banach iteration) or ``"anderson"``.
+        method: ``"fixed_point"`` (Banach iteration), ``"anderson"`` or ``"newton"``.
         history: the number of past iterates Anderson mixes (at most the event size is
             used: beyond it the differences are linearly dependent).
+        jacobian: for ``"newton"`` (and only there): ``x -> (f(x), J_f(x))`` with the
+            Jacobian shaped ``x.shape + x.shape[-1:]`` (one event dimension); every
+            evaluation then goes through it instead of ``f``.
         strict: raise :class:`ConvergenceError` instead of warning.
         what: how the warning names the solve.
 
@@ -137,12 +156,24 @@ def solve_fixed_point(
     Example:
         >>> import torch
         >>> y = torch.tensor([[1.0, 2.0]])
-        >>> x, info = solve_fixed_point(lambda x: y - 0.5 * torch.tanh(x), y, contraction=0.5)
+        >>> f = lambda x: y - 0.5 * torch.tanh(x)
+        >>> x, info = solve_fixed_point(f, y, contraction=0.5)
         >>> info.converged, bool(torch.allclose(x + 0.5 * torch.tanh(x), y, atol=1e-4))
+        (True, True)
+
+        Newton, with the Jacobian of ``f``:
+
+        >>> def f_and_jacobian(x):
+        ...     return f(x), torch.diag_embed(-0.5 / torch.cosh(x) ** 2)
+        >>> x, newton = solve_fixed_point(f, y, contraction=0.5, method="newton",
+        ...                               jacobian=f_and_jacobian)
+        >>> newton.converged, newton.iterations < info.iterations
         (True, True)
     """
     if method not in SOLVER_METHODS:
         raise ValueError(f"unknown solver method {method!r}; expected one of {SOLVER_METHODS}")
+    if (method == "newton") != (jacobian is not None):
+        raise ValueError("method='newton' takes jacobian=(x -> (f(x), J_f(x))), and only it")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     d_atol, d_rtol = default_tolerances(x0.dtype)
@@ -155,6 +186,11 @@ def solve_fixed_point(
     event_ndim = min(event_dim, x0.dim())
     numel_event = max(1, math.prod(x0.shape[x0.dim() - event_ndim :]))
     mixer = _AndersonMixer(history, numel_event) if method == "anderson" else None
+    newton = None
+    if method == "newton":
+        if event_ndim != 1:
+            raise ValueError(f"method='newton' takes one event dimension, got {event_dim}")
+        newton = _NewtonStepper(contraction)
 
     with torch.no_grad():
         x = x0.detach()
@@ -162,7 +198,10 @@ def solve_fixed_point(
             return x, SolveInfo(0, 0.0, 0.0, True)
         info = SolveInfo(0, math.inf, math.nan, False)
         for it in range(1, max_iter + 1):
-            fx = f(x)
+            if jacobian is not None:
+                fx, jac = jacobian(x)
+            else:
+                fx, jac = f(x), None
             # Banach: ||f(x) - x*|| <= c / (1 - c) * ||f(x) - x||, for any iterate x,
             # so the bound stays rigorous under Anderson mixing too.
             step = _sample_norm(fx - x, event_ndim).reshape(-1)
@@ -181,7 +220,10 @@ def solve_fixed_point(
             if info.converged:
                 x = fx
                 break
-            x = mixer(x, fx) if mixer is not None else fx
+            if newton is not None:
+                x = newton(x, fx, jac, step.reshape(x.shape[:-1]))  # type: ignore[arg-type]
+            else:
+                x = mixer(x, fx) if mixer is not None else fx
     if not info.converged:
         message = (
             f"{what} did not converge: error bound {info.error:.3g} > tolerance "
@@ -192,6 +234,37 @@ def solve_fixed_point(
             raise ConvergenceError(message)
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
     return x, info
+
+
+class _NewtonStepper:
+    """Safeguarded Newton steps for ``x = f(x)``, one event dimension, per sample.
+
+    A sample's point is accepted when its step ``||f(x) - x||`` is at most ``rate`` times
+    the step at its last accepted point; a rejected sample goes back to the Banach step
+    ``f`` of its last accepted point, which is accepted unconditionally (for a contraction
+    its step shrinks by ``Lip(f)``), so no sample can stall.
+    """
+
+    def __init__(self, contraction: float | None) -> None:
+        self.rate = 1.0 if contraction is None else float(contraction)
+        self.ref_step: Tensor | None = None  # step at the last accepted point
+        self.ref_fx: Tensor | None = None  # f at the last accepted point
+        self.fallback: Tensor | None = None  # samples now at a Banach fallback point
+
+    def __call__(self, x: Tensor, fx: Tensor, jac: Tensor, step: Tensor) -> Tensor:
+        if self.ref_step is None or self.ref_fx is None or self.fallback is None:
+            accept = torch.ones_like(step, dtype=torch.bool)
+            self.ref_step, self.ref_fx = step, fx
+        else:
+            accept = (step <= self.rate * self.ref_step) | self.fallback
+            self.ref_step = torch.where(accept, step, self.ref_step)
+            self.ref_fx = torch.where(accept[..., None], fx, self.ref_fx)
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        delta = torch.linalg.solve(eye - jac, (x - fx).unsqueeze(-1)).squeeze(-1)
+        x_new = x - delta
+        x_new = torch.where(torch.isfinite(x_new), x_new, fx)
+        self.fallback = ~accept
+        return torch.where(accept[..., None], x_new, self.ref_fx)
 
 
 class _AndersonMixer:

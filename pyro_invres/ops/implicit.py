@@ -8,7 +8,8 @@ the graph on (it connects ``x`` to ``y`` and to the parameters of ``g``), and a 
 
     (I + J_g(x^\\star))^\\top a = v \\iff a = v - J_g(x^\\star)^\\top a ,
 
-itself a contraction solved by the same fixed-point rule. Then ``dL/dy = a`` and
+itself a contraction solved by the same fixed-point rule (or, when the solve is Newton's and
+so has the Jacobian, by one direct linear solve). Then ``dL/dy = a`` and
 ``dL/dtheta = -a^T dg/dtheta`` are exact, whatever number of iterations the forward solve
 used, with memory independent of it (no back-propagation through the iterations).
 
@@ -37,6 +38,7 @@ def residual_inverse(
     event_dim: int = 1,
     contraction: float | None = None,
     solve_context: Callable[[], AbstractContextManager] = nullcontext,
+    jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     **solver_kwargs: object,
 ) -> tuple[Tensor, SolveInfo]:
     """Solve ``x + g(x) = y`` for ``x``, differentiably in ``y`` and in ``g``'s parameters.
@@ -50,6 +52,9 @@ def residual_inverse(
         solve_context: a context entered around the graph-free solves only, e.g.
             :func:`torch.nn.utils.parametrize.cached` so that normalised weights are
             computed once per solve rather than once per iteration.
+        jacobian: ``x -> (g(x), J_g(x))`` (one event dimension), needed by
+            ``method="newton"``; the adjoint is then one linear solve with
+            ``(I + J_g(x*))^T``.
         **solver_kwargs: passed to :func:`~pyro_invres.ops.solve_fixed_point`
             (``atol``, ``rtol``, ``max_iter``, ``method``, ``strict``, ``what``).
 
@@ -65,12 +70,21 @@ def residual_inverse(
         True
     """
     start = y if x0 is None else x0
+    newton = solver_kwargs.get("method") == "newton"
+    if newton and jacobian is None:
+        raise ValueError("method='newton' needs jacobian=(x -> (g(x), J_g(x)))")
+
+    def f_and_jacobian(x: Tensor) -> tuple[Tensor, Tensor]:
+        gx, jac = jacobian(x)  # type: ignore[misc]
+        return y - gx, -jac
+
     with torch.no_grad(), solve_context():
         x_star, info = solve_fixed_point(
             lambda x: y - g(x),
             start,
             event_dim=event_dim,
             contraction=contraction,
+            jacobian=f_and_jacobian if newton else None,
             **solver_kwargs,  # type: ignore[arg-type]
         )
     if not torch.is_grad_enabled():
@@ -84,6 +98,12 @@ def residual_inverse(
     def adjoint(v: Tensor | None) -> Tensor | None:
         if v is None:  # an undefined gradient stays undefined
             return None
+        if newton:
+            with torch.no_grad():
+                jac = jacobian(x_star)[1]  # type: ignore[misc]
+                eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+                a = torch.linalg.solve((eye + jac).transpose(-1, -2), v.unsqueeze(-1))
+            return a.squeeze(-1)
         with torch.enable_grad():
             xs = x_star.detach().requires_grad_(True)
             gs = g(xs)

@@ -129,7 +129,11 @@ class InvertibleResidual(InvertibleModule):
         atol: absolute tolerance of the iterative side (default: from the dtype).
         rtol: relative tolerance of the iterative side (default: from the dtype).
         max_iter: the most iterations of one solve.
-        solver: ``"fixed_point"`` (Banach) or ``"anderson"``.
+        solver: ``"fixed_point"`` (Banach), ``"anderson"`` or ``"newton"`` (vector events
+            and a network with ``forward_with_jacobian``, such as
+            :class:`~pyro_invres.nn.LipschitzMLP`: each evaluation carries the ``D x D``
+            Jacobian, so it suits small ``D``; the adjoint of the inverse is then one
+            linear solve).
         strict: raise :class:`~pyro_invres.ops.ConvergenceError` rather than warn when a
             solve does not converge.
         gradient: how a stochastic log-det is differentiated. ``"neumann"`` (default): the
@@ -200,6 +204,14 @@ class InvertibleResidual(InvertibleModule):
         self.roulette = _choice("roulette", roulette, ROULETTE_DISTRIBUTIONS)
         self.probe = _choice("probe", probe, PROBES)
         self.solver = _choice("solver", solver, SOLVER_METHODS)
+        if solver == "newton" and not (
+            len(self.event_shape) == 1 and hasattr(nn, "forward_with_jacobian")
+        ):
+            raise ValueError(
+                "solver='newton' needs a vector event and a network with forward_with_jacobian "
+                f"(such as LipschitzMLP); got event_shape {tuple(self.event_shape)} and "
+                f"{type(nn).__name__}"
+            )
         self.gradient = _choice("gradient", gradient, GRADIENTS)
         self.warm_start = bool(warm_start)
         for name, value, low in [
@@ -296,6 +308,7 @@ class InvertibleResidual(InvertibleModule):
             event_dim=self.event_dim,
             contraction=self.lipschitz,
             what=f"{type(self).__name__} iterative {self._iterative_side}",
+            jacobian=self.nn.forward_with_jacobian if self.solver == "newton" else None,
             **self.solver_options,
         )
         self.solve_stats.record(info)
