@@ -47,21 +47,22 @@ NOTES = """
 ## Reading it
 
 The peers train with the same learning-rate schedule as `pyro-invres fit` (1e-2 decaying
-to 1e-3), which suits Pyro's spline flow well. Rings is where the residual flow falls
-short. Four thin concentric rings need a map whose Jacobian swings between strong
+to 1e-3), which suits Pyro's spline flow well. Rings was the hard case for the residual
+flow: four thin concentric rings need a map whose Jacobian swings between strong
 contraction (the gaps, the empty centre) and expansion (the rings) four times along every
-radius; an i-ResNet block changes its Jacobian only as fast as the curvature of a network
-with bounded layer norms allows, while a spline coupling bends each coordinate freely.
+radius, and an i-ResNet block changes its Jacobian only as fast as the curvature of a
+network with bounded layer norms allows.
 
-What moved it: starting the learned LipSwish sharpness at beta = 32 instead of 1
-(`--beta`), which lets a block's Jacobian change within a short distance: rings 3.33 ->
-3.19, checkerboard 3.77 -> 3.70, the other two unchanged. What did not: more steps (3000:
--0.02), wider blocks ([64, 64]: no change at beta 16), Lip 0.99, CLipSwish, a third hidden
-layer, lr 2e-2, beta 256 (a near-ReLU: worse again). Twelve blocks instead of eight
-reached 3.15 (beta 16) but cost 1.5x the time, past the two-minute budget of the default
-command. The measurements are listed beside `DEFAULTS` in `pyro_invres/cli.py`. Density
-quality at equal training time, against normflows' residual flow too, is in
-{doc}`benchmark_results`.
+What closed it is the activation. With LipSwish (each unit bends once) the same flow
+reached 3.19 on rings (+0.25 behind the spline flow) even with a sharp starting
+`beta = 32`; twelve blocks reached 3.12, and more steps, wider layers, Lip 0.99 or
+CLipSwish did not help. The default is now the sine, `sin(omega x) / omega` with a
+learned frequency (`--activation sine --omega 4`): still 1-Lipschitz, but a layer of
+sines sums plane waves, so one block can bend many times along a line. Rings went from
+3.19 to 2.72, checkerboard from 3.70 to 3.57; moons and 8gaussians gained about 0.01.
+`pyro-invres fit --activation lipswish --beta 32` reproduces the old default. The
+measurements are listed beside `DEFAULTS` in `pyro_invres/cli.py`. Density quality at
+equal training time, against normflows' residual flow too, is in {doc}`benchmark_results`.
 """
 
 
