@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from pyro_invres import conditional_iresnet, iresnet
 from pyro_invres.nn import ConditionalLipschitzMLP, ContextBound, LipschitzMLP
-from pyro_invres.nn.activations import CLipSwish, LipELU, LipSwish
+from pyro_invres.nn.activations import CLipSwish, LipELU, LipSine, LipSwish
 from pyro_invres.ops import logdet_exact, logdet_from_jacobian, make_vjp
 
 ACTIVATIONS = ["lipswish", "clipswish", "elu", "sine"]
@@ -35,20 +35,22 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> None:
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-@pytest.mark.parametrize("activation", [LipSwish(beta=3.0), CLipSwish(beta=0.5), LipELU()])
+@pytest.mark.parametrize(
+    "activation", [LipSwish(beta=3.0), CLipSwish(beta=0.5), LipELU(), LipSine(omega=3.0)]
+)
 def test_activation_jacobian_matches_autograd(activation):
     act = activation.double()
     x = torch.randn(6, 5, dtype=torch.float64) * 3
-    tangents = torch.randn(6, 5, 3, dtype=torch.float64)
-    y, jt = act.forward_with_jacobian(x, tangents)
+    tangents = torch.randn(6, 3, 5, dtype=torch.float64)  # three tangent rows per sample
+    y, jt = act.forward_with_tangents(x, tangents)
     assert torch.equal(y, act(x))
-    expected = autograd_jacobian(act, x) @ tangents
+    expected = tangents @ autograd_jacobian(act, x).transpose(-1, -2)
     torch.testing.assert_close(jt, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_clipswish_refuses_image_layout():
     with pytest.raises(ValueError, match="vectors"):
-        CLipSwish(dim=-3).forward_with_jacobian(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, 1))
+        CLipSwish(dim=-3).forward_with_tangents(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4, 1))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

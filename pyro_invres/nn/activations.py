@@ -69,8 +69,11 @@ class LipSwish(nn.Module):
         beta = F.softplus(self.raw_beta)
         return x * torch.sigmoid(beta * x) / 1.1
 
-    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
-        """``(phi(x), diag(phi'(x)) @ jac)`` for a Jacobian ``jac`` shaped ``x.shape + (k,)``.
+    def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), tangents diag(phi'(x)))`` for ``k`` tangents shaped ``x.shape[:-1] + (k, n)``.
+
+        Row ``i`` of ``tangents`` is the derivative of ``x`` in direction ``i`` (the
+        Jacobian transposed), so every layer maps the rows as it maps ``x`` itself.
 
         .. math::
 
@@ -79,7 +82,7 @@ class LipSwish(nn.Module):
         beta = F.softplus(self.raw_beta)
         s = torch.sigmoid(beta * x)
         slope = (s + beta * x * s * (1 - s)) / 1.1
-        return x * s / 1.1, slope.unsqueeze(-1) * jac
+        return x * s / 1.1, slope.unsqueeze(-2) * tangents
 
 
 class LipELU(nn.ELU):
@@ -94,10 +97,10 @@ class LipELU(nn.ELU):
     def __init__(self) -> None:
         super().__init__(alpha=1.0)
 
-    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
-        """``(elu(x), diag(elu'(x)) @ jac)``, with ``elu'(x) = 1`` for ``x > 0``, else ``e^x``."""
+    def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """``(elu(x), tangents diag(elu'(x)))``: ``elu'(x) = 1`` for ``x > 0``, else ``e^x``."""
         slope = torch.where(x > 0, torch.ones_like(x), torch.exp(torch.clamp(x, max=0.0)))
-        return F.elu(x), slope.unsqueeze(-1) * jac
+        return F.elu(x), slope.unsqueeze(-2) * tangents
 
 
 class CLipSwish(nn.Module):
@@ -138,18 +141,20 @@ class CLipSwish(nn.Module):
         both = torch.cat([x, -x], dim=self.dim)
         return both * torch.sigmoid(beta * both) / CLIPSWISH_GAIN
 
-    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
-        """``(phi(x), J_phi(x) @ jac)`` for vectors (``dim=-1``); ``jac`` is ``x.shape + (k,)``.
+    def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), tangents J_phi(x)^T)`` for vectors (``dim=-1``), ``k`` tangent rows
+        shaped ``x.shape[:-1] + (k, n)``.
 
         The Jacobian of ``[s(x), s(-x)]`` stacks ``diag(s'(x))`` over ``-diag(s'(-x))``.
         """
         if self.dim not in (-1, x.dim() - 1):
-            raise ValueError("CLipSwish.forward_with_jacobian takes vectors (dim=-1) only")
+            raise ValueError("CLipSwish.forward_with_tangents takes vectors (dim=-1) only")
         beta = F.softplus(self.raw_beta)
         both = torch.cat([x, -x], dim=-1)
         s = torch.sigmoid(beta * both)
         slope = (s + beta * both * s * (1 - s)) / CLIPSWISH_GAIN
-        return both * s / CLIPSWISH_GAIN, slope.unsqueeze(-1) * torch.cat([jac, -jac], dim=-2)
+        both_tangents = torch.cat([tangents, -tangents], dim=-1)
+        return both * s / CLIPSWISH_GAIN, slope.unsqueeze(-2) * both_tangents
 
 
 class LipSine(nn.Module):
@@ -187,11 +192,11 @@ class LipSine(nn.Module):
         omega = F.softplus(self.raw_omega)
         return torch.sin(omega * x) / omega
 
-    def forward_with_jacobian(self, x: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
-        """``(phi(x), diag(cos(omega x)) @ jac)`` for ``jac`` shaped ``x.shape + (k,)``."""
+    def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), tangents diag(cos(omega x)))``, tangents ``x.shape[:-1] + (k, n)``."""
         omega = F.softplus(self.raw_omega)
         wx = omega * x
-        return torch.sin(wx) / omega, torch.cos(wx).unsqueeze(-1) * jac
+        return torch.sin(wx) / omega, torch.cos(wx).unsqueeze(-2) * tangents
 
 
 ACTIVATIONS = {"lipswish": LipSwish, "clipswish": CLipSwish, "elu": LipELU, "sine": LipSine}

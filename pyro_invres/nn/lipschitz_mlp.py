@@ -157,15 +157,20 @@ class LipschitzMLP(nn.Module):
             >>> jac.shape, bool(torch.allclose(gx, g(x)))
             (torch.Size([3, 2, 2]), True)
         """
-        return _forward_with_jacobian(self.net, x, self.gains())
+        h, tangents = _forward_with_tangents(self.net, x, self.gains())
+        return h, tangents.transpose(-1, -2)
 
 
-def _forward_with_jacobian(
-    layers: nn.Sequential, x: Tensor, gains: Tensor | None, jac: Tensor | None = None
+def _forward_with_tangents(
+    layers: nn.Sequential, x: Tensor, gains: Tensor | None, tangents: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Run ``layers`` (linear layers and activations) on ``x`` and carry ``dh/dx`` along.
 
-    ``jac`` is the Jacobian of ``x`` itself, if it is not the input (``None``: identity).
+    The derivative travels as rows of tangents, ``x.shape[:-1] + (D, width)`` (the
+    Jacobian transposed): a linear layer then maps them with one ``F.linear`` over the
+    flattened batch, where ``W @ J`` with ``J`` in ``(..., width, D)`` layout is a batched
+    product about 10x slower on the CPU. ``tangents`` are those of ``x`` itself, if it is
+    not the input (``None``: the identity).
     """
     if gains is not None:
         gains = gains.to(x.dtype)
@@ -177,14 +182,16 @@ def _forward_with_jacobian(
                 weight = weight * gains[i]
                 i += 1
             h = F.linear(h, weight, layer.bias)
-            jac = weight if jac is None else weight @ jac
+            # contiguous rows fold into one matrix product; a broadcast product can leave
+            # them permuted, and F.linear then falls back to a batched product
+            tangents = weight.t() if tangents is None else F.linear(tangents.contiguous(), weight)
         else:
-            if jac is None:
-                jac = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-            h, jac = layer.forward_with_jacobian(h, jac)
-    if jac is None:
-        jac = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    return h, jac.expand(*h.shape, jac.shape[-1])
+            if tangents is None:
+                tangents = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            h, tangents = layer.forward_with_tangents(h, tangents)
+    if tangents is None:
+        tangents = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    return h, tangents.expand(*h.shape[:-1], *tangents.shape[-2:])
 
 
 class ConditionalLipschitzMLP(nn.Module):
@@ -276,5 +283,5 @@ class ConditionalLipschitzMLP(nn.Module):
             )
         weight = self.first.weight
         h = F.linear(x, weight, self.first.bias) + self.context_layer(context)
-        h, jac = _forward_with_jacobian(self.rest, h, None, weight)
-        return h, jac.expand(*h.shape, x.shape[-1])
+        h, tangents = _forward_with_tangents(self.rest, h, None, weight.t())
+        return h, tangents.expand(*h.shape[:-1], *tangents.shape[-2:]).transpose(-1, -2)
