@@ -248,6 +248,7 @@ def test_cli_fit_writes_everything(fitted):
     assert metrics["inverse_iterations_sample"] > 0
     assert metrics["config"]["flow"]["hidden_dims"] == [16]
     assert metrics["config"]["flow"]["activation"] == DEFAULTS["activation"] == "sine"
+    assert metrics["config"]["flow"]["solver"] == DEFAULTS["solver"] == "newton"
     assert metrics["config"]["flow"]["activation_kwargs"] == {"omega": DEFAULTS["omega"]}
     assert (fitted / "density.png").read_bytes()[:4] == b"\x89PNG"
 

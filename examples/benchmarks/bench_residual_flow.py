@@ -78,6 +78,7 @@ from common import (  # noqa: E402
 )
 
 LIPSCHITZ = 0.9
+SOLVERS = ("fixed_point", "anderson", "newton")
 CONFIGS: dict[str, dict[str, Any]] = {
     "A": {"dim": 2, "num_blocks": 8, "hidden": [64, 64], "batch": 256},
     "B": {"dim": 64, "num_blocks": 4, "hidden": [256, 256], "batch": 128},
@@ -419,6 +420,18 @@ class ScaledNet(nn.Module):
             self.errors.append(float(err.max()))
         return out
 
+    def forward_with_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(x), J_g(x))`` for Newton's method: one evaluation, counted and tracked."""
+        self.calls += 1
+        gx, jac = self.net.forward_with_jacobian(x)
+        out = self.scale * gx
+        if self.track is not None:
+            y, x_true = self.track
+            with torch.no_grad():
+                err = ((y - out) - x_true).norm(dim=-1) / x_true.norm(dim=-1)
+            self.errors.append(float(err.max()))
+        return out, self.scale * jac
+
 
 def jacobian_norms(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``||J_g(x_i)||_2`` for every row of ``x`` (exact: one backward pass per output)."""
@@ -502,13 +515,26 @@ def stopping_rules(
 
     def f(x: torch.Tensor) -> torch.Tensor:
         out = w - g(x)
-        inputs.append(x)  # Anderson evaluates at mixed points, not at the last output
+        inputs.append(x)  # Anderson and Newton evaluate at their own points
         iterates.append(out)
         return out
 
+    def f_and_jacobian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gx, jac = g.forward_with_jacobian(x)
+        inputs.append(x)
+        iterates.append(w - gx)
+        return w - gx, -jac
+
     with torch.no_grad():
         solve_fixed_point(
-            f, w, contraction=contraction, atol=0.0, rtol=0.0, max_iter=500, method=method
+            f,
+            w,
+            contraction=contraction,
+            atol=0.0,
+            rtol=0.0,
+            max_iter=500,
+            method=method,
+            jacobian=f_and_jacobian if method == "newton" else None,
         )
     scale = float(x_true.norm())
     errors = [float((t - x_true).norm()) / scale for t in iterates]
@@ -562,8 +588,7 @@ def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str
     opts = {"atol": 0.0, "rtol": args.inverse_rtol, "max_iter": 10_000, **cold_start()}
     # every solve gets a fresh tensor (y.clone()), so the identity cache never answers
     blocks = {
-        m: InvertibleResidual(net, dim, lipschitz=LIPSCHITZ, solver=m, **opts)
-        for m in ("fixed_point", "anderson")
+        m: InvertibleResidual(net, dim, lipschitz=LIPSCHITZ, solver=m, **opts) for m in SOLVERS
     }
     x_true = torch.randn(args.inverse_batch, dim, device=device, dtype=dtype)
     settle = settle_spectral(net, lambda: net(x_true))
@@ -622,17 +647,13 @@ def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str
         "note": "normflows' stopping rule, for reference; not asked to reach the target",
     }
     timing = interleaved_timing(
-        {
-            "g_forward": forward_g,
-            "fixed_point": solve("fixed_point"),
-            "anderson": solve("anderson"),
-        },
+        {"g_forward": forward_g, **{m: solve(m) for m in SOLVERS}},
         device,
         reps=args.inverse_time_reps,
         warmup=1,
     )
     t_g = timing["impls"]["g_forward"]["total"]["median"]
-    for m in ("fixed_point", "anderson"):
+    for m in SOLVERS:
         t = timing["impls"][m]["total"]["median"]
         batch[m]["wall_seconds_median"] = t
         batch[m]["forward_pass_equivalents"] = t / t_g
@@ -713,8 +734,8 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
 
     opts = {"atol": 0.0, "rtol": args.inverse_rtol, "max_iter": 10_000, **cold_start()}
     flows = {}
-    for m in ("fixed_point", "anderson"):
-        f = build_flow("iresnet", dim, **config, solver=m, **opts)
+    for m in SOLVERS:
+        f = build_flow("iresnet", dim, **{**config, "solver": m}, **opts)
         f.load_state_dict(state)
         flows[m] = f.to(device, torch.float64).eval()
     blocks = {m: [p for p in f if hasattr(p, "solve_stats")] for m, f in flows.items()}
@@ -759,6 +780,39 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
             if hasattr(part, "solve_stats"):
                 pairs.insert(0, (below, h))  # (w: latent side, x*: data side)
             h = below
+
+    # wall time of sampling the whole held-out batch, in explicit passes of the flow
+    def sample_with(m: str) -> Any:
+        def run(timer: PhaseTimer) -> None:
+            with torch.no_grad():
+                flows[m](z.clone())
+            timer.mark("sample")
+
+        return run
+
+    def explicit_pass(timer: PhaseTimer) -> None:
+        with torch.no_grad():
+            flows["fixed_point"].inv(x_data.clone())
+        timer.mark("sample")
+
+    timing = interleaved_timing(
+        {"explicit": explicit_pass, **{m: sample_with(m) for m in flows}},
+        device,
+        reps=args.inverse_time_reps,
+        warmup=1,
+    )
+    t_explicit = timing["impls"]["explicit"]["total"]["median"]
+    out["batch_sampling"] = {
+        "batch_size": int(z.shape[0]),
+        "explicit_pass_seconds_median": t_explicit,
+        **{
+            m: {
+                "seconds_median": timing["impls"][m]["total"]["median"],
+                "explicit_pass_equivalents": timing["impls"][m]["total"]["median"] / t_explicit,
+            }
+            for m in flows
+        },
+    }
     for m, f in flows.items():
         rules = [
             stopping_rules(b.nn, w[i : i + 1], x[i : i + 1], m, lipschitz, args.inverse_rtol)
@@ -1031,7 +1085,7 @@ def print_tables(result: dict[str, Any]) -> None:
             if not key.startswith("random_block"):
                 continue
             b, p = r["batch_solve"], r["per_sample"]
-            for m in ("fixed_point", "anderson"):
+            for m in SOLVERS:
                 rows.append(
                     [
                         f"D={r['dim']} h={r['hidden']}",
@@ -1086,6 +1140,7 @@ def print_tables(result: dict[str, Any]) -> None:
                     toy[m]["iterations_per_sample_median"],
                     toy[m]["iterations_per_block_solve_median"],
                     toy[m]["reconstruction_rel_error_max"],
+                    toy.get("batch_sampling", {}).get(m, {}).get("explicit_pass_equivalents", "-"),
                     *(
                         [
                             toy[m]["stopping_rules_per_block_solve"]["oracle_median"],
@@ -1097,7 +1152,8 @@ def print_tables(result: dict[str, Any]) -> None:
                         else ["-"] * 4
                     ),
                 ]
-                for m in ("fixed_point", "anderson")
+                for m in SOLVERS
+                if m in toy
             ]
             lips = ", ".join(f"{v:.2f}" for v in toy["max_jacobian_norm_per_block_at_data_path"])
             print(
@@ -1111,6 +1167,7 @@ def print_tables(result: dict[str, Any]) -> None:
                         "iters per sample (median, all blocks)",
                         "iters per block solve (median)",
                         "max reconstruction rel err",
+                        "batch sampling / explicit pass (wall)",
                         "oracle (median)",
                         "observed-rate stop (median)",
                         "its solves above rtol",
