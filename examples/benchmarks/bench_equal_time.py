@@ -6,7 +6,8 @@ over that time, each parameter's gradient norm clipped at 10 as in ``fit_density
 one process, one thread, one after the other:
 
 * ``pyro-invres``: the flow ``pyro-invres fit`` trains by default (8 i-ResNet blocks of
-  [32, 32], ``lipschitz=0.97``, learned Lipschitz split, ActNorm, exact 2-D log-det);
+  [32, 32], ``lipschitz=0.97``, learned Lipschitz split, sine activation, ActNorm, exact
+  2-D log-det);
 * ``normflows``: normflows' ``Residual`` blocks with the same networks (LipSwish MLP
   ``2 -> 32 -> 32 -> 2``, each layer normalised to ``0.97 ** (1/3)``) and ActNorm, its
   default memory-saving estimator (Russian roulette, Neumann gradient in the forward
@@ -16,7 +17,10 @@ one process, one thread, one after the other:
 
 Test NLL is exact for every model: the log-determinant of the whole map from data to
 latent is computed from its 2x2 Jacobian by autograd (float64), whatever estimator the
-model trains with. Writes ``results/equal_time_<device>.json``.
+model trains with. A model whose loss turns non-finite is reported as diverged, with the
+step and the error, and scored from its parameters as they were at the last multiple of
+100 steps before it (what a user who checkpoints would keep). Writes
+``results/equal_time_<device>.json``.
 
 Usage::
 
@@ -59,21 +63,41 @@ def train_for(
     after_step: Callable[[], None] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Adam on ``loss_fn`` for ``seconds`` of wall time, lr 1e-2 -> 1e-3 over that time."""
+    """Adam on ``loss_fn`` for ``seconds`` of wall time, lr 1e-2 -> 1e-3 over that time.
+
+    On a non-finite loss the parameters go back to their values at the last multiple of
+    100 steps, and the result says so.
+    """
     opt = torch.optim.Adam(params, lr=DEFAULTS["lr"])
     g = torch.Generator().manual_seed(seed)
     steps, start = 0, time.perf_counter()
+    saved = (0, [p.detach().clone() for p in params])
     while (elapsed := time.perf_counter() - start) < seconds:
+        if steps % 100 == 0:
+            saved = (steps, [p.detach().clone() for p in params])
         for group in opt.param_groups:
             group["lr"] = DEFAULTS["lr"] * DEFAULTS["lr_final"] ** (elapsed / seconds)
         batch = data[torch.randint(0, len(data), (BATCH,), generator=g)]
         opt.zero_grad(set_to_none=True)
+        error = "loss is not finite"
         try:
             loss = loss_fn(batch)
-        except ValueError:  # Pyro's support check caught a nan inside the flow
-            loss = torch.tensor(math.nan)
+        except ValueError as err:  # Pyro's support check caught a nan inside the flow
+            if "nan" not in str(err).lower() and "inf" not in str(err).lower():
+                raise
+            loss, error = torch.tensor(math.nan), str(err).splitlines()[0][:200]
         if not bool(torch.isfinite(loss)):
-            return {"steps": steps, "seconds": time.perf_counter() - start, "diverged": True}
+            with torch.no_grad():
+                for p, v in zip(params, saved[1]):
+                    p.copy_(v)
+            return {
+                "steps": steps,
+                "seconds": time.perf_counter() - start,
+                "diverged": True,
+                "diverged_at_step": steps + 1,
+                "error": error,
+                "scored_at_step": saved[0],
+            }
         loss.backward()
         # each tensor's gradient norm at most 10, as fit_density (Pyro's clip_norm) does
         grads = [p.grad for p in params if p.grad is not None]
@@ -216,9 +240,12 @@ def main() -> None:
         for name in args.models.split(","):
             print(f"{dataset}: {name} ...", flush=True)
             stats, to_latent = MODELS[name](train, args.seconds, args.seed)
-            stats["test_nll"] = None if stats["diverged"] else exact_nll(to_latent, test)
+            stats["test_nll"] = exact_nll(to_latent, test)
             entry[name] = stats
-            nll = "diverged (nan)" if stats["test_nll"] is None else stats["test_nll"]
+            nll = stats["test_nll"]
+            if stats["diverged"]:
+                nll = f"{nll:.3f} (diverged at step {stats['diverged_at_step']}; as at step "
+                nll += f"{stats['scored_at_step']})"
             rows.append([dataset, name, stats["steps"], nll])
         result["datasets"][dataset] = entry
     out = Path(args.out) if args.out else RESULTS_DIR / "equal_time_cpu.json"

@@ -224,8 +224,19 @@ def equal_time_section(result: dict[str, Any]) -> list[str]:
         f"test NLL in nats with the exact log-det; {_env(result)}."
     )
     out.append("")
+
+    def nll(r: dict[str, Any]) -> Any:
+        if r["test_nll"] is None:
+            return "diverged"
+        if r.get("diverged"):
+            return (
+                f"{r['test_nll']:.3g} (diverged at step {r['diverged_at_step']}; "
+                f"parameters of step {r['scored_at_step']})"
+            )
+        return r["test_nll"]
+
     rows = [
-        [dataset, name, r["steps"], "diverged" if r["test_nll"] is None else r["test_nll"]]
+        [dataset, name, r["steps"], nll(r)]
         for dataset, entry in result.get("datasets", {}).items()
         for name, r in entry.items()
     ]
