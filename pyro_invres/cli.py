@@ -8,7 +8,7 @@ Subcommands::
 
 ``fit`` writes ``density.png`` (the model density beside the data), ``samples.png``,
 ``metrics.json`` and ``checkpoint.pt`` under ``--out``. Its defaults train a residual
-flow on ``moons`` in about a minute of CPU time (one thread; the 2-D networks are too small
+flow on ``moons`` in under a minute of CPU time (one thread; the 2-D networks are too small
 to gain from more).
 
 Errors that are the user's to fix (an unknown data set, a bad path, a corrupted

@@ -99,13 +99,15 @@ def _image(draw: Draw, channels: tuple[int, int] = (1, 3), even: bool = False) -
     return (c, draw(st.sampled_from(sizes)), draw(st.sampled_from(sizes)))
 
 
-def _iresnet_options(draw: Draw) -> dict:
+def _iresnet_options(draw: Draw, vector: bool = True) -> dict:
+    # Newton needs the Jacobian a dense network carries: vector events only
+    solvers = ["fixed_point", "anderson", "newton"] if vector else ["fixed_point", "anderson"]
     return {
         "lipschitz": draw(st.sampled_from([0.5, 0.9, 0.97])),
         "explicit": draw(st.sampled_from(["forward", "inverse"])),
         "logdet": draw(st.sampled_from(["exact", "series", "roulette"])),
         "activation": draw(st.sampled_from(["lipswish", "elu", "sine"])),
-        "solver": draw(st.sampled_from(["fixed_point", "anderson"])),
+        "solver": draw(st.sampled_from(solvers)),
         "max_iter": draw(st.sampled_from([2, 1000])),
         "strict": draw(st.booleans()),
         "n_series_terms": 3,
@@ -124,7 +126,7 @@ def build_iresnet_vector(draw: Draw) -> Case:
 
 def build_iresnet_image(draw: Draw) -> Case:
     shape = _image(draw, (1, 2))
-    opts = _iresnet_options(draw)
+    opts = _iresnet_options(draw, vector=False)
     return Case(iresnet(shape, _hidden(draw, 2, 4), **opts), shape, iterative=True)
 
 

@@ -20,6 +20,7 @@ configs = st.fixed_dictionaries(
         "explicit": st.sampled_from(["forward", "inverse"]),
         "activation": st.sampled_from(["lipswish", "clipswish", "elu", "sine"]),
         "split": st.sampled_from(["equal", "learned"]),
+        "solver": st.sampled_from(["fixed_point", "anderson", "newton"]),
     }
 )
 
@@ -33,6 +34,7 @@ def build(cfg, **kwargs):
         explicit=cfg["explicit"],
         activation=cfg["activation"],
         split=cfg.get("split", "equal"),
+        solver=cfg.get("solver", "fixed_point"),
         logdet="exact",
         **kwargs,
     ).double()
