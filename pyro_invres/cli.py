@@ -53,7 +53,7 @@ __all__ = ["DEFAULTS", "flow_options", "main"]
 #: 2.841; 12 LipSwish blocks had reached only 3.120 on rings. Sampling inverts each
 #: block by Newton's method (the network carries its 2 x 2 Jacobian): median 4
 #: evaluations per block solve to 1e-6 on this flow, against 6 (Anderson) and 9 (fixed
-#: point), and 2.9 explicit passes of wall time per sampled batch against 4.2 and 4.3
+#: point), and 3.4 explicit passes of wall time per sampled batch against 4.1 and 4.5
 #: (`examples/benchmarks/bench_residual_flow.py`).
 DEFAULTS: dict[str, Any] = {
     "dataset": "moons",

@@ -34,7 +34,15 @@ Step = Callable[[tuple[int, int, int]], list[TransformModule]]
 
 
 def base_shape(flow: ComposeTransformModule, shape: Sequence[int]) -> torch.Size:
-    """The base distribution's event shape for a flow producing events of ``shape``."""
+    """The base distribution's event shape for a flow producing events of ``shape``.
+
+    Example:
+        >>> flow = residual_flow((1, 8, 8), num_blocks=1, hidden_dims=[8], num_scales=1)
+        >>> base_shape(flow, (1, 8, 8))   # one squeeze: 4x the channels, half the size
+        torch.Size([4, 4, 4])
+        >>> base_shape(residual_flow(3, num_blocks=1), [3])
+        torch.Size([3])
+    """
     return flow.inverse_shape(torch.Size(shape))
 
 

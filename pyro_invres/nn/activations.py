@@ -233,5 +233,14 @@ def make_activation(name: str, **kwargs: object) -> nn.Module:
 
 
 def expansion(activation: nn.Module) -> int:
-    """How many times its input width an activation outputs (2 for CLipSwish)."""
+    """How many times its input width an activation outputs (2 for CLipSwish).
+
+    Example:
+        >>> import torch
+        >>> act, width = make_activation("clipswish"), 8
+        >>> expansion(act), expansion(LipSwish())
+        (2, 1)
+        >>> nn.Linear(width * expansion(act), width)(act(torch.zeros(3, width))).shape
+        torch.Size([3, 8])
+    """
     return int(getattr(activation, "expansion", 1))

@@ -56,7 +56,18 @@ __all__ = [
 def default_power_tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance on the power-iteration estimate that ``dtype`` can actually meet.
 
+    A refresh stops once successive estimates agree to it:
+
+    .. math::
+
+        |\\hat\\sigma_k - \\hat\\sigma_{k-1}| \\le \\mathrm{tol}\\,\\hat\\sigma_k .
+
     A tolerance of 1e-7 is never met in float32 and would run every refresh to its cap.
+
+    Example:
+        >>> import torch
+        >>> default_power_tolerance(torch.float32), default_power_tolerance(torch.float64)
+        (1e-05, 1e-10)
     """
     return 1e-5 if torch.finfo(dtype).bits <= 32 else 1e-10
 
@@ -378,7 +389,11 @@ class ConvSpectralNormScale(SpectralNormScale):
 
     The norm of a ``k x k`` convolution is *not* the norm of its reshaped kernel; power
     iteration runs on the convolution itself (``conv2d`` and ``conv_transpose2d`` over the
-    input shape), as Residual Flows do.
+    input shape), as Residual Flows do: for a kernel ``K`` and inputs of ``input_shape``,
+
+    .. math::
+
+        \\sigma(K) = \\max_{\\|x\\| = 1} \\|K \\star x\\| .
 
     Arguments:
         weight: the kernel ``(out, in, k, k)``.
@@ -387,6 +402,21 @@ class ConvSpectralNormScale(SpectralNormScale):
         stride: the convolution's stride.
         padding: the convolution's padding.
         **kwargs: passed to :class:`SpectralNormScale`.
+
+    Example:
+        A 3 x 3 box filter on 6 x 6 zero-padded images has norm ``(1 + 2 cos(pi / 7))^2``,
+        while its kernel reshaped to a ``1 x 9`` matrix has norm 3:
+
+        >>> import torch
+        >>> kernel = torch.ones(1, 1, 3, 3)
+        >>> sn = ConvSpectralNormScale(kernel, 1.0, input_shape=(1, 6, 6), padding=1)
+        >>> scaled = sn(kernel)   # refreshes the estimate, then rescales
+        >>> round(float(sn.sigma(kernel)), 3), round((1 + 2 * math.cos(math.pi / 7)) ** 2, 3)
+        (7.851, 7.851)
+        >>> round(float(torch.linalg.matrix_norm(kernel.reshape(1, 9), ord=2)), 3)
+        3.0
+        >>> round(float(sn.sigma(scaled)), 3)
+        1.0
     """
 
     _exact_ok = False  # the operator is the convolution, not its kernel matrix
@@ -504,7 +534,20 @@ def spectral_norm(
 def operator_norm(module: nn.Module) -> Tensor:
     """The spectral norm of a (spectrally normalised) layer's current weight, by SVD.
 
+    .. math::
+
+        \\|W\\|_2 = \\sigma_{\\max}(W) = \\max_{\\|v\\| = 1} \\|W v\\|
+
     For tests and diagnostics; convolutions report their power-iteration estimate.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> layer.weight.data = torch.tensor([[3.0, 0.0], [0.0, -4.0]])
+        >>> float(operator_norm(layer))
+        4.0
+        >>> round(float(operator_norm(spectral_norm(layer, lipschitz=0.5))), 6)
+        0.5
     """
     weight = module.weight
     plist = getattr(module, "parametrizations", None)

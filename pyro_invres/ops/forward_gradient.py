@@ -76,6 +76,15 @@ def logdet_with_forward_gradient(
 ) -> Tensor:
     """Evaluate ``estimate`` and its gradients now; return a value whose backward uses them.
 
+    With upstream gradients ``a_i`` on the per-sample estimates ``l_i``, the stored
+    gradient is exact only when they are all equal; otherwise backward recomputes
+    the left side:
+
+    .. math::
+
+        \\nabla_\\theta \\sum_i a_i \\hat\\ell_i = a\\, \\nabla_\\theta \\sum_i \\hat\\ell_i
+        \\quad \\text{when } a_i = a \\text{ for all } i .
+
     Arguments:
         estimate: ``(x, gx, generator) -> per-sample log-det`` with a differentiable
             (e.g. Neumann) gradient in ``x`` and the parameters.
@@ -89,6 +98,28 @@ def logdet_with_forward_gradient(
 
     Returns:
         The estimate (batch-shaped) wired to the stored gradients.
+
+    Example:
+        With ``g(z) = w tanh(z)`` the log-det is ``sum_j log(1 + w sech^2(z_j))``; its
+        gradient in ``w`` under unequal sample weights comes out exact:
+
+        >>> import torch
+        >>> from pyro_invres.ops import logdet_exact, make_vjp
+        >>> w = torch.nn.Parameter(torch.tensor(0.5))
+        >>> g = lambda z: w * torch.tanh(z)
+        >>> estimate = lambda z, gz, gen: logdet_exact(make_vjp(z, gz, create_graph=True), z)
+        >>> x = torch.tensor([[0.0, 1.0], [2.0, -1.0]], requires_grad=True)
+        >>> def rebuild():
+        ...     leaf = x.detach().requires_grad_()
+        ...     return leaf, g(leaf)
+        >>> value = logdet_with_forward_gradient(estimate, x, g(x), [w], rebuild, seed=0)
+        >>> value.shape, value.grad_fn is not None
+        (torch.Size([2]), True)
+        >>> weights = torch.tensor([1.0, 3.0])
+        >>> (weights * value).sum().backward()
+        >>> s = 1 - torch.tanh(x.detach()) ** 2   # sech^2
+        >>> bool(torch.allclose(w.grad, (weights * (s / (1 + 0.5 * s)).sum(-1)).sum()))
+        True
     """
     params = [p for p in params if p.requires_grad]
     device = x.device

@@ -56,7 +56,20 @@ Vjp = Callable[[Tensor], Tensor]
 def make_vjp(x: Tensor, gx: Tensor, create_graph: bool) -> Vjp:
     """``v -> v^T dgx/dx``; a ``v`` with one more leading dimension is a batch of probes.
 
+    .. math::
+
+        \\mathrm{vjp}(v) = v^\\top J_g(x), \\qquad J_g(x) = \\frac{\\partial g(x)}{\\partial x}
+
     ``gx`` must have been computed from ``x`` with the graph on.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+        >>> vjp = make_vjp(x, 0.5 * x**2, create_graph=False)   # J = diag(x)
+        >>> vjp(torch.tensor([[3.0, 1.0]]))
+        tensor([[3., 2.]])
+        >>> vjp(torch.ones(4, 1, 2)).shape   # a batch of 4 probes
+        torch.Size([4, 1, 2])
     """
 
     def vjp(v: Tensor) -> Tensor:
@@ -140,7 +153,21 @@ def logdet_from_jacobian(jac: Tensor) -> Tensor:
 def sample_probes(
     x: Tensor, n_probes: int, kind: str = "gaussian", generator: torch.Generator | None = None
 ) -> Tensor:
-    """``n_probes`` Hutchinson probes shaped like ``x`` (stacked on a new first dimension)."""
+    """``n_probes`` Hutchinson probes shaped like ``x`` (stacked on a new first dimension).
+
+    Gaussian and Rademacher (``+-1``) probes both have
+
+    .. math::
+
+        \\mathbb{E}[v v^\\top] = I, \\qquad \\mathrm{tr}(A) = \\mathbb{E}[v^\\top A v] .
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(4, 3)
+        >>> v = sample_probes(x, 2, "rademacher", generator=torch.Generator().manual_seed(0))
+        >>> v.shape, bool((v.abs() == 1).all())
+        (torch.Size([2, 4, 3]), True)
+    """
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; expected one of {PROBES}")
     shape = (n_probes, *x.shape)
@@ -232,6 +259,19 @@ def roulette_tail_probability(m: int, distribution: str, param: float) -> float:
 
     ``geometric``: ``P(N = n) = p (1 - p)^n`` on ``n = 0, 1, ...``, so ``P(N >= m) = (1-p)^m``.
     ``poisson``: ``N ~ Poisson(lambda)``.
+
+    .. math::
+
+        P_\\text{geom}(N \\ge m) = (1 - p)^m, \\qquad
+        P_\\text{Poisson}(N \\ge m) = 1 - \\sum_{n < m} e^{-\\lambda} \\frac{\\lambda^n}{n!}
+
+    Example:
+        >>> roulette_tail_probability(3, "geometric", 0.5)
+        0.125
+        >>> round(roulette_tail_probability(1, "poisson", 2.0), 6) == round(1 - math.exp(-2), 6)
+        True
+        >>> roulette_tail_probability(0, "poisson", 2.0)   # the terms always computed
+        1.0
     """
     if m <= 0:
         return 1.0

@@ -33,7 +33,16 @@ __all__ = ["InvertibleModule", "as_event_shape"]
 
 
 def as_event_shape(input_dim: int | Sequence[int]) -> tuple[int, ...]:
-    """Normalise ``input_dim`` (an int or a shape such as ``(C, H, W)``) to a shape tuple."""
+    """Normalise ``input_dim`` (an int or a shape such as ``(C, H, W)``) to a shape tuple.
+
+    Example:
+        >>> as_event_shape(3), as_event_shape([1, 28, 28])
+        ((3,), (1, 28, 28))
+        >>> as_event_shape(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: input_dim must be a positive int or shape, got 0
+    """
     shape = (int(input_dim),) if isinstance(input_dim, int) else tuple(int(d) for d in input_dim)
     if not shape or any(d < 1 for d in shape):
         raise ValueError(f"input_dim must be a positive int or shape, got {input_dim!r}")
@@ -49,6 +58,29 @@ class InvertibleModule(TransformModule):
         cache_size: 0 or 1, as in Pyro.
         output_shape: the event shape of the output when it differs (space-to-depth),
             same rank as ``event_shape``.
+
+    Example:
+        A subclass implements the map, its inverse and the log-det:
+
+        >>> import math, torch
+        >>> class Double(InvertibleModule):
+        ...     def _call(self, x):
+        ...         return 2 * x
+        ...     def _inverse(self, y):
+        ...         return y / 2
+        ...     def _log_abs_det_jacobian(self, x, y, memo):
+        ...         return x.new_full(x.shape[:-1], self.event_shape[0] * math.log(2))
+        >>> t = Double((3,))
+        >>> x = torch.ones(4, 3)
+        >>> y = t(x)
+        >>> t.inv(y) is x   # the cached pair: no inverse computed
+        True
+        >>> torch.allclose(t.log_abs_det_jacobian(x, y), torch.full((4,), math.log(8)))
+        True
+        >>> t(torch.ones(4, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: Double: expected input with event shape (3,) (trailing dims), got shape (4, 2)
     """
 
     bijective = True
@@ -89,6 +121,7 @@ class InvertibleModule(TransformModule):
         return constraints.independent(constraints.real, self.event_dim)
 
     def with_cache(self, cache_size: int = 1) -> InvertibleModule:
+        """Return this block if ``cache_size`` is its own; raise ``ValueError`` otherwise."""
         if cache_size == self._cache_size:
             return self
         raise ValueError(

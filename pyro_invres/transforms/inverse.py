@@ -83,5 +83,19 @@ class Inverse(TransformModule):
 
 
 def inverse(transform: Transform) -> Inverse:
-    """Factory for :class:`Inverse` (``inverse(t)`` rather than ``t.inv``)."""
+    """Factory for :class:`Inverse` (``inverse(t)`` rather than ``t.inv``).
+
+    Example:
+        >>> import torch
+        >>> from pyro_invres import iresnet
+        >>> block = iresnet(2, [8])
+        >>> flipped = inverse(block)
+        >>> isinstance(flipped, torch.nn.Module), isinstance(block.inv, torch.nn.Module)
+        (True, False)
+        >>> x = torch.randn(4, 2)
+        >>> y = block(x)
+        >>> ladj = flipped.log_abs_det_jacobian(y, x)
+        >>> bool(torch.allclose(ladj, -block.log_abs_det_jacobian(x, y)))
+        True
+    """
     return Inverse(transform)

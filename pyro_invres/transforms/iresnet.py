@@ -86,6 +86,18 @@ class SolveStats:
         iterations: their total iterations (evaluations of ``g``).
         warm_starts: solves that started from the (stale) cached solution.
         last: the :class:`~pyro_invres.ops.SolveInfo` of the latest solve.
+
+    Example:
+        >>> import torch
+        >>> from pyro_invres import iresnet
+        >>> block = iresnet(2, [8])   # explicit forward: the inverse iterates
+        >>> x = block.inv(torch.zeros(3, 2))
+        >>> stats = block.solve_stats
+        >>> stats.solves, stats.iterations == stats.last.iterations, stats.last.converged
+        (1, True, True)
+        >>> stats.reset()
+        >>> stats.solves, stats.iterations, stats.last
+        (0, 0, None)
     """
 
     solves: int = 0
@@ -94,11 +106,13 @@ class SolveStats:
     last: SolveInfo | None = field(default=None)
 
     def record(self, info: SolveInfo) -> None:
+        """Count one solve and its iterations, and keep ``info`` as :attr:`last`."""
         self.solves += 1
         self.iterations += info.iterations
         self.last = info
 
     def reset(self) -> None:
+        """Zero the counts and forget the last solve."""
         self.solves, self.iterations, self.warm_starts, self.last = 0, 0, 0, None
 
 
