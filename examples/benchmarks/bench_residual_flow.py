@@ -571,6 +571,15 @@ def nf_fixed_point_rule(net: ScaledNet, y: torch.Tensor) -> tuple[torch.Tensor, 
     return x, net.calls
 
 
+def wall_times_against(
+    reference: Any, runs: dict[str, Any], device: torch.device, reps: int
+) -> tuple[float, dict[str, float]]:
+    """Median seconds of ``reference`` and of each of ``runs``, timed in interleaved rounds."""
+    timing = interleaved_timing({"reference": reference, **runs}, device, reps=reps, warmup=1)
+    median = {name: t["total"]["median"] for name, t in timing["impls"].items()}
+    return median.pop("reference"), median
+
+
 def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str, Any]:
     from pyro_invres.nn import LipschitzMLP
     from pyro_invres.transforms.iresnet import InvertibleResidual
@@ -646,15 +655,10 @@ def bench_random_block(args: Any, device: torch.device, config: str) -> dict[str
         "median_rel_error": float(err.median()),
         "note": "normflows' stopping rule, for reference; not asked to reach the target",
     }
-    timing = interleaved_timing(
-        {"g_forward": forward_g, **{m: solve(m) for m in SOLVERS}},
-        device,
-        reps=args.inverse_time_reps,
-        warmup=1,
+    t_g, times = wall_times_against(
+        forward_g, {m: solve(m) for m in SOLVERS}, device, args.inverse_time_reps
     )
-    t_g = timing["impls"]["g_forward"]["total"]["median"]
-    for m in SOLVERS:
-        t = timing["impls"][m]["total"]["median"]
+    for m, t in times.items():
         batch[m]["wall_seconds_median"] = t
         batch[m]["forward_pass_equivalents"] = t / t_g
     batch["g_forward_seconds_median"] = t_g
@@ -795,22 +799,15 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
             flows["fixed_point"].inv(x_data.clone())
         timer.mark("sample")
 
-    timing = interleaved_timing(
-        {"explicit": explicit_pass, **{m: sample_with(m) for m in flows}},
-        device,
-        reps=args.inverse_time_reps,
-        warmup=1,
+    t_explicit, times = wall_times_against(
+        explicit_pass, {m: sample_with(m) for m in flows}, device, args.inverse_time_reps
     )
-    t_explicit = timing["impls"]["explicit"]["total"]["median"]
     out["batch_sampling"] = {
         "batch_size": int(z.shape[0]),
         "explicit_pass_seconds_median": t_explicit,
         **{
-            m: {
-                "seconds_median": timing["impls"][m]["total"]["median"],
-                "explicit_pass_equivalents": timing["impls"][m]["total"]["median"] / t_explicit,
-            }
-            for m in flows
+            m: {"seconds_median": t, "explicit_pass_equivalents": t / t_explicit}
+            for m, t in times.items()
         },
     }
     for m, f in flows.items():
