@@ -410,9 +410,8 @@ class ScaledNet(nn.Module):
         self.track: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, x_true)
         self.errors: list[float] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _count(self, out: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        out = self.scale * self.net(x)
         if self.track is not None:
             y, x_true = self.track
             with torch.no_grad():  # the solver's next iterate is y - g(x)
@@ -420,17 +419,13 @@ class ScaledNet(nn.Module):
             self.errors.append(float(err.max()))
         return out
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._count(self.scale * self.net(x))
+
     def forward_with_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g(x), J_g(x))`` for Newton's method: one evaluation, counted and tracked."""
-        self.calls += 1
         gx, jac = self.net.forward_with_jacobian(x)
-        out = self.scale * gx
-        if self.track is not None:
-            y, x_true = self.track
-            with torch.no_grad():
-                err = ((y - out) - x_true).norm(dim=-1) / x_true.norm(dim=-1)
-            self.errors.append(float(err.max()))
-        return out, self.scale * jac
+        return self._count(self.scale * gx), self.scale * jac
 
 
 def jacobian_norms(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
