@@ -1,18 +1,26 @@
 """What every block in :mod:`pyro_invres.transforms` shares.
 
 :class:`InvertibleModule` is a Pyro :class:`~pyro.distributions.TransformModule` over a
-fixed event shape that adds three things to Pyro's contract:
+fixed event shape that adds these to Pyro's contract:
 
 * **Validation at the boundary**: a wrong event shape, a dtype or device that differs
   from the parameters', and (while Pyro's validation is on) non-finite values raise a
   ``ValueError`` that names what was expected and what came.
 * **A cache that cannot go stale.** Pyro's identity cache (``cache_size=1``) returns the
   pair computed for the same tensor object, even after an optimizer step changed the
-  parameters, and then back-propagates through a freed graph (Pyro issue #2292). Here a
-  cached pair also remembers the parameters' versions and whether grad mode was on; it is
-  reused only while both still hold, so sampling-then-scoring skips the inverse while
-  full-batch training on one data tensor just works.
-* **A memo for the log-determinant**, computed at most once per cached pair.
+  parameters, and then back-propagates through a freed graph (Pyro issue #2292); it also
+  misses in-place changes (``x.mul_(2)``). Here a cached pair is reused only while the
+  input and output are unchanged (their version counters), and so is everything the block
+  reads: its parameters, buffers (a permutation after ``load_state_dict``) and bound
+  contexts, by identity, storage and version, and the floating ones by an order-sensitive
+  digest of their values (writes through ``p.data`` keep the versions), with the same grad
+  mode and train/eval mode. So sampling-then-scoring skips the inverse while full-batch
+  training on one data tensor, or a reused input buffer, just works. Inference tensors
+  keep no version counter: their pairs are never reused.
+* **A memo for the log-determinant**, computed at most once per cached pair, under the
+  same rules.
+* **Thread safety**: each thread has its own cached pair and memo, so concurrent calls on
+  one flow never answer with another thread's pair (a copy or a pickle starts empty).
 
 Subclasses implement ``_call``, ``_inverse`` and ``_log_abs_det_jacobian`` and may store
 a value with :meth:`_remember_ladj` while computing the map.
@@ -20,16 +28,141 @@ a value with :meth:`_remember_ladj` while computing the map.
 
 from __future__ import annotations
 
+import threading
 from abc import abstractmethod
 from collections.abc import Sequence
 
 import pyro.distributions as pdist
 import torch
 from pyro.distributions.torch_transform import TransformModule
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import constraints
 
+from ..nn.conditioners import ContextBound
+
 __all__ = ["InvertibleModule", "as_event_shape"]
+
+
+# -- what a cached pair depends on ---------------------------------------------------------
+def _version(t: object) -> object:
+    """The in-place write counter of a tensor, or a fresh object that equals nothing.
+
+    Inference tensors (and tensors that are not plain, such as ``vmap``'s) keep no
+    counter: a pair holding one must never be reused, as nothing would see it change.
+    """
+    try:
+        return t._version  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return object()
+
+
+def _stamps(tensors: list[Tensor]) -> tuple[tuple[object, ...], ...]:
+    """Identity, storage (``p.data = other`` and ``.to()`` keep the object) and version."""
+    try:
+        return tuple([(id(t), t.data_ptr(), t._version) for t in tensors])
+    except RuntimeError:  # a tensor without storage or counter: it never matches
+        return ((object(),),)
+
+
+def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """Parameters and buffers of the module tree, and the contexts bound into it.
+
+    A flat walk rather than ``parameters()``/``buffers()``, which build a name for every
+    module on the way; it runs on every cache check, so that a replaced parameter,
+    buffer, submodule or context is seen at once.
+    """
+    state: list[Tensor] = []
+    contexts: list[Tensor] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        state += m._parameters.values()
+        state += m._buffers.values()
+        stack += m._modules.values()
+        if isinstance(m, ContextBound) and isinstance(m.context, Tensor):
+            contexts.append(m.context)
+        if None in stack:  # a submodule slot registered as None
+            stack = [c for c in stack if c is not None]
+    return [t for t in state if t is not None], contexts
+
+
+_DIGEST_WEIGHTS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_TRACING = (-1, "traced")  # the digest while torch.jit.trace runs
+
+
+def _position_weights(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``n`` fixed pseudo-random odd integer weights, the same for a position whatever ``n``."""
+    weights = _DIGEST_WEIGHTS.get((device, dtype))
+    if weights is None or weights.numel() < n:
+        size = max(n, 1024, 0 if weights is None else 2 * weights.numel())
+        # splitmix64's finaliser of the position (int64 arithmetic wraps), truncated to
+        # the width of the values; ``| 1`` makes every weight odd
+        z = torch.arange(1, size + 1, dtype=torch.int64, device=device) * -7046029254386353131
+        z = (z ^ (z >> 30)) * -4658895280553007687
+        z = (z ^ (z >> 27)) * -7723592293110705685
+        weights = ((z ^ (z >> 31)) | 1).to(dtype)
+        _DIGEST_WEIGHTS[(device, dtype)] = weights  # a race only recomputes the same values
+    return weights[:n]
+
+
+def _digest(tensors: list[Tensor]) -> tuple[object, ...]:
+    """An order-sensitive digest of the floating tensors' values (one int per dtype).
+
+    The bits of the values, read as integers of their width, dotted with fixed odd
+    pseudo-random weights, with wrap-around: a change of any single entry always
+    changes it (an odd weight times a non-zero difference is never 0 mod 2^bits), and a
+    permutation of values (which keeps the norm and the sum) changes it but with
+    probability about 2^-bits. Writes through ``p.data`` (Pyro's ``ClippedAdam``) leave
+    the version counters alone, so the values themselves must be compared: one pass over
+    them, in a few kernels whatever the number of tensors.
+    """
+    if torch.jit.is_tracing():
+        # a trace would record these ops (and cannot record a dtype view); nothing writes
+        # the weights while a trace runs, and a pair stored outside a trace never matches
+        # this marker, nor one stored inside it a real digest
+        return _TRACING
+    floating = [t for t in tensors if t.is_floating_point()]
+    if not floating:
+        return ()
+    first = floating[0]
+    if all(t.dtype == first.dtype and t.device == first.device for t in floating):
+        groups = [floating]
+    else:
+        by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for t in floating:
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        groups = list(by_kind.values())
+    sums = []
+    with torch.no_grad():
+        for group in groups:
+            # one C++ call flattens and concatenates the whole group
+            values = torch._utils._flatten_dense_tensors(group)
+            bits = values.view(_INT_OF_WIDTH[values.element_size()])
+            weights = _position_weights(bits.numel(), bits.device, bits.dtype)
+            if bits.device.type == "cpu":
+                sums.append(int(torch.dot(bits, weights)))
+            else:  # integer dot products are CPU-only; the wrapped products still sum
+                sums.append(int((bits * weights).sum()))
+    return tuple(sums)
+
+
+class _Slot:
+    """One thread's cached pair, the log-det memo for it, and what both depend on."""
+
+    __slots__ = ("x", "y", "versions", "key", "state", "contexts", "digest", "memo", "pending")
+
+    def __init__(self) -> None:
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.versions: tuple[object, object] | None = None
+        self.key: tuple | None = None
+        # held so that the identities in ``key`` cannot be reused by new tensors
+        self.state: list[Tensor] = []
+        self.contexts: list[Tensor] = []
+        self.digest: tuple[object, ...] = ()
+        self.memo: object = None  # what ``_remember_ladj`` stored, then the log-det
+        self.pending: object = None  # what the call now running remembered
 
 
 def as_event_shape(input_dim: int | Sequence[int]) -> tuple[int, ...]:
@@ -103,9 +236,7 @@ class InvertibleModule(TransformModule):
             raise ValueError(f"input and output event shapes differ in rank: {shape} vs {out}")
         self.event_shape = shape
         self.output_shape = out
-        self._cache_key: tuple | None = None
-        self._checksum: Tensor | None = None
-        self._ladj_memo: tuple | None = None
+        self._slot()  # before any thread can race to create the per-thread cache
 
     # -- Pyro's contract -------------------------------------------------------------
     @property
@@ -183,109 +314,116 @@ class InvertibleModule(TransformModule):
             raise ValueError(f"{type(self).__name__}: {name} has non-finite values (nan or inf)")
 
     # -- the cache ------------------------------------------------------------------------
-    def _params(self) -> list[Tensor]:
-        # walking the module tree on every call is measurable on small blocks; the list
-        # is rebuilt after .to()/.double() (see _apply) and whenever it was dropped
-        params = self.__dict__.get("_param_list")
-        if params is None:
-            params = list(self.parameters())
-            self.__dict__["_param_list"] = params
-        return params
+    # Each thread has its own cached pair and log-det memo (a ``threading.local``): with
+    # one shared pair, two threads scoring different data on one flow answer each other's
+    # questions (Pyro's own identity cache has that race). A pair is reused only for the
+    # very tensor it was computed for (identity), unchanged since (version counters of x
+    # and y), and while everything the block reads is unchanged: its parameters, buffers
+    # (a ChannelPermutation's permutation) and bound contexts, by identity, storage and
+    # version, the floating ones also by a digest of their values (``p.data`` writes).
+    def _slot(self) -> _Slot:
+        local = self.__dict__.get("_cache_local")
+        if local is None:
+            # setdefault is atomic: threads that arrive together share one local
+            local = self.__dict__.setdefault("_cache_local", threading.local())
+        slot = getattr(local, "slot", None)
+        if slot is None:
+            slot = local.slot = _Slot()
+        return slot
+
+    @property
+    def _cached_x_y(self) -> tuple[Tensor | None, Tensor | None]:
+        """This thread's cached pair (Pyro's attribute name), current or not."""
+        slot = self._slot()
+        return slot.x, slot.y
+
+    @_cached_x_y.setter
+    def _cached_x_y(self, pair: tuple[Tensor | None, Tensor | None]) -> None:
+        slot = self._slot()
+        slot.x, slot.y = pair
+        slot.key = slot.memo = None  # a pair set from outside is never reused
+
+    @property
+    def _pending_memo(self) -> object:
+        """What the call now running in this thread passed to :meth:`_remember_ladj`."""
+        return self._slot().pending
+
+    @_pending_memo.setter
+    def _pending_memo(self, value: object) -> None:
+        self._slot().pending = value
 
     def __getstate__(self) -> dict:
-        # the cache and memo hold graph-carrying tensors: not part of a copy or a pickle
-        state = super().__getstate__()
-        state = dict(state)
-        state.update(
-            _cached_x_y=(None, None),
-            _cache_key=None,
-            _checksum=None,
-            _ladj_memo=None,
-            _pending_memo=None,
-            _param_list=None,
-        )
+        # the cache holds graph-carrying tensors and a threading.local (which does not
+        # pickle): neither belongs in a copy or a pickle; a copy makes its own lazily
+        state = dict(super().__getstate__())
+        # (and the attributes older versions kept, should such a state come through)
+        for name in ("_cache_local", "_cached_x_y", "_cache_key", "_checksum", "_ladj_memo"):
+            state.pop(name, None)
         return state
 
-    def _apply(self, *args: object, **kwargs: object) -> InvertibleModule:
-        self.__dict__["_param_list"] = None
-        return super()._apply(*args, **kwargs)
-
     def _state_key(self) -> tuple:
-        # what makes a cached pair stale: new parameter values, a different grad mode
-        # (a graph-less pair cannot serve a backward), a train/eval switch (evaluation
-        # may refine the spectral norms)
-        versions = tuple((p.data_ptr(), p._version) for p in self._params())
-        return versions, torch.is_grad_enabled(), self.training
+        # what makes a cached pair stale: a replaced or written parameter, buffer or
+        # context, a different grad mode (a graph-less pair cannot serve a backward), a
+        # train/eval switch (evaluation may refine the spectral norms)
+        state, contexts = _dependencies(self)
+        stamps = _stamps(state), _stamps(contexts)
+        return stamps, torch.is_grad_enabled(), self.training
 
-    def _param_checksum(self) -> Tensor | None:
-        params = self._params()
-        if not params:
-            return None
-        with torch.no_grad():
-            return torch.stack(
-                [torch.linalg.vector_norm(p) for p in params] + [p.sum() for p in params]
-            )
-
-    def _pair_is_current(self) -> bool:
-        if self._cache_key != self._state_key():
+    def _pair_is_current(self, slot: _Slot | None = None) -> bool:
+        """Whether this thread's cached pair may still be reused."""
+        slot = self._slot() if slot is None else slot
+        if slot.key is None or slot.versions != (_version(slot.x), _version(slot.y)):
             return False
-        if self._checksum is None:
-            return True
-        # values too: writes through ``p.data`` (Pyro's ClippedAdam) keep the versions
-        current = self._param_checksum()
-        return current is not None and torch.equal(current, self._checksum)
+        if self._state_key() != slot.key:
+            return False
+        # the values too: writes through ``p.data`` keep the versions
+        return _digest(slot.state) == slot.digest
 
-    def _cache_hit(self, x: Tensor | None, y: Tensor | None) -> bool:
-        x_old, y_old = self._cached_x_y
-        same = (x is not None and x is x_old) or (y is not None and y is y_old)
-        return same and self._pair_is_current()
-
-    def _store(self, x: Tensor, y: Tensor) -> None:
-        self._cached_x_y = x, y
-        self._cache_key = self._state_key()
-        self._checksum = self._param_checksum()
-        self._promote_memo(x, y)
+    def _store(self, slot: _Slot, x: Tensor, y: Tensor) -> None:
+        pending, slot.pending = slot.pending, None
+        slot.x, slot.y = x, y
+        slot.versions = _version(x), _version(y)
+        slot.state, slot.contexts = _dependencies(self)
+        slot.key = self._state_key()
+        slot.digest = _digest(slot.state)
+        # only what this very call remembered may become the memo of its pair
+        slot.memo = pending
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._cache_size == 0:
             self._validate(x, "input")
             return self._call(x)
-        if self._cache_hit(x, None):
-            return self._cached_x_y[1]
+        slot = self._slot()
+        if x is slot.x and self._pair_is_current(slot):
+            return slot.y  # type: ignore[return-value]
         self._validate(x, "input")
-        self._ladj_memo = None
-        self._pending_memo = None  # only what this very call remembers may be promoted
+        slot.memo = slot.pending = None  # the old pair stays, for a warm start
         y = self._call(x)
-        self._store(x, y)
+        self._store(slot, x, y)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
         if self._cache_size == 0:
             self._validate(y, "input of the inverse", self.output_shape)
             return self._inverse(y)
-        if self._cache_hit(None, y):
-            return self._cached_x_y[0]
+        slot = self._slot()
+        if y is slot.y and self._pair_is_current(slot):
+            return slot.x  # type: ignore[return-value]
         self._validate(y, "input of the inverse", self.output_shape)
-        self._ladj_memo = None
-        self._pending_memo = None
+        slot.memo = slot.pending = None  # the old pair stays, for a warm start
         x = self._inverse(y)
-        self._store(x, y)
+        self._store(slot, x, y)
         return x
 
     # -- the log-det memo -------------------------------------------------------------------
     def _remember_ladj(self, value: object) -> None:
         """Called by ``_call``/``_inverse`` with what the log-det needs (or the log-det)."""
-        self._pending_memo = value
-
-    def _promote_memo(self, x: Tensor, y: Tensor) -> None:
-        value = getattr(self, "_pending_memo", None)
-        self._pending_memo = None
-        self._ladj_memo = (x, y, None, value) if value is not None else None
+        self._slot().pending = value
 
     def _memo_for(self, x: Tensor, y: Tensor) -> object:
-        memo = self._ladj_memo
-        if memo is not None and memo[0] is x and memo[1] is y and self._pair_is_current():
-            return memo[3]
+        slot = self._slot()
+        if slot.memo is not None and x is slot.x and y is slot.y and self._pair_is_current(slot):
+            return slot.memo
         return None
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
@@ -296,15 +434,16 @@ class InvertibleModule(TransformModule):
         memo = self._memo_for(x, y)
         if isinstance(memo, Tensor):
             return memo
-        x_old, y_old = getattr(self, "_cached_x_y", (None, None))
-        if not (x is x_old and y is y_old):
-            # a pair this block did not just compute: check it like any input
+        slot = self._slot()
+        unchanged = slot.versions == (_version(x), _version(y))
+        if not (x is slot.x and y is slot.y and unchanged):
+            # a pair this block did not just compute (or changed since): check it like any input
             self._validate(x, "input of log_abs_det_jacobian")
             self._validate(y, "output given to log_abs_det_jacobian", self.output_shape)
         value = self._log_abs_det_jacobian(x, y, memo)
-        if memo is not None:
+        if memo is not None and slot.memo is memo:
             # keep the number, drop whatever graph-building state produced it
-            self._ladj_memo = (*self._ladj_memo[:3], value)  # type: ignore[misc]
+            slot.memo = value
         return value
 
     @abstractmethod

@@ -401,15 +401,10 @@ class ReversibleStack(InvertibleModule):
         return tuple(key)
 
     def __getstate__(self) -> dict:
-        # caches hold closures and graphs: neither pickles nor belongs in a copy
-        state = self.__dict__.copy()
-        state.update(
-            _steps_cache={},
-            _cached_x_y=(None, None),
-            _cache_key=None,
-            _ladj_memo=None,
-            _pending_memo=None,
-        )
+        # caches hold closures and graphs: neither pickles nor belongs in a copy (the
+        # base class drops the per-thread pair and memo)
+        state = super().__getstate__()
+        state["_steps_cache"] = {}
         return state
 
     def _call(self, x: Tensor) -> Tensor:
