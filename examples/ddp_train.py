@@ -18,13 +18,19 @@ What matters for correctness (see ``docs/distributed.md``):
   parameters and buffers when it wraps the model); the data stream is seeded per rank.
 * ActNorm initialises on the first batch, all-reducing its statistics across ranks.
 * Only rank 0 prints and writes the checkpoint, atomically (temporary file + ``os.replace``).
+* A rank that hangs or dies must not block the others forever: the process group has a
+  timeout (``--timeout``, 300 s by default), after which a collective that some rank never
+  joined fails on the ranks waiting in it, and the script exits with status 1 and one line
+  saying so (NCCL needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, which the script sets).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
+import sys
 import time
 
 import pyro.distributions as dist
@@ -93,18 +99,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-size", type=int, default=2048)
     p.add_argument("--checkpoint", default="ddp_flow.pt")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits in a collective (or at start-up) for the others before "
+        "failing; a hung or dead rank then stops the job instead of blocking it forever",
+    )
+    args = p.parse_args(argv)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        p.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the example; returns the exit status (1 when a rank timed out)."""
     args = parse_args(argv)
+    try:
+        train(args)
+    except RuntimeError as err:
+        # a collective (gloo raises a plain RuntimeError) or the start-up rendezvous (a
+        # DistError) waited --timeout seconds in vain; anything else is a real bug
+        text = str(err).lower()
+        if not (isinstance(err, torch_dist.DistError) or "timed out" in text or "timeout" in text):
+            raise
+        rank = os.environ.get("RANK", "0")
+        reason = " ".join(str(err).split())[:300]
+        print(
+            f"ddp_train: error: rank {rank} gave up after --timeout {args.timeout:g} s: another "
+            f"rank hung or died ({type(err).__name__}: {reason})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    return 0
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train under the options of :func:`parse_args` (one process, or one rank of many)."""
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         backend = "nccl" if args.device == "cuda" else "gloo"
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch_dist.init_process_group(backend)
+            # without it a timed-out NCCL collective is only logged, and the rank still hangs
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # the timeout bounds every wait: the rendezvous, and each collective (the gradient
+        # all-reduce, ActNorm's statistics, the barrier below)
+        torch_dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -164,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"checkpoint written to {args.checkpoint}", flush=True)
     if distributed:
         torch_dist.barrier()  # no rank exits (tearing down the group) before rank 0 is done
-        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

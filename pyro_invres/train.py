@@ -31,6 +31,7 @@ flow, and they load with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import random
@@ -38,10 +39,10 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyro
@@ -60,6 +61,7 @@ __all__ = [
     "CheckpointError",
     "FitResult",
     "NonFiniteLossError",
+    "atomic_write",
     "build_flow",
     "evaluate_nll",
     "fit_density",
@@ -397,10 +399,39 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file atomically: ``write(handle)`` fills a temporary file, which replaces ``path``.
+
+    The temporary file lives in the same directory (so :func:`os.replace` is a rename on
+    one file system), is flushed and ``fsync``-ed before the rename, and is removed if
+    anything fails (a full disk, a crash of ``write``, an interrupt). So ``path`` holds
+    either its previous content or the complete new one, never a 0-byte or half-written
+    file. Every file ``pyro-invres`` writes goes through here.
+
+    Arguments:
+        path: the file to write; its directory must exist, and it must not be a directory.
+        write: called once with a binary file handle.
+
+    Raises:
+        OSError: from the file system (the temporary file is gone by then), or
+            ``IsADirectoryError`` when ``path`` is a directory.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
+        >>> atomic_write(p, lambda f: f.write(b"hello")) == p, p.read_bytes()
+        (True, b'hello')
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -443,14 +474,178 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    _check_structure(state, f"checkpoint {path}")
     return state
+
+
+def _check_structure(state: Mapping[str, Any], where: str) -> None:
+    """Refuse a checkpoint whose entries have the wrong types (hand-edited, or forged).
+
+    Later code indexes into these entries; a string where a dict belongs would otherwise
+    surface as an ``AttributeError`` deep inside the command line.
+    """
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{where}: 'step' must be an int >= 0, got {step!r:.80}")
+    weights = state.get("flow_state")
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(f"{where}: 'flow_state' must map names to tensors")
+    for key in ("optim_state", "rng", "config"):
+        if not isinstance(state.get(key), Mapping):
+            raise CheckpointError(f"{where}: {key!r} must be a dict, got {state.get(key)!r:.80}")
+    for key in ("flow", "fit", "metadata"):
+        entry = state["config"].get(key)
+        if entry is not None and not isinstance(entry, Mapping):
+            raise CheckpointError(f"{where}: config[{key!r}] must be a dict, got {entry!r:.80}")
+    losses = state.get("losses", [])
+    if not isinstance(losses, list | tuple) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in losses
+    ):
+        raise CheckpointError(f"{where}: 'losses' must be a list of numbers")
+
+
+#: The most any integer of a checkpoint's flow config may ask for (blocks, widths, solver
+#: iterations, ...): far above any flow this package trains, far below what would exhaust
+#: memory or time before the stored tensors are compared.
+MAX_CONFIG_INT = 1 << 20
+
+
+def _check_flow_config(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -> None:
+    """Check a checkpoint's flow config against its stored tensors, before building the flow.
+
+    A config is only a description; the tensors are what the file really holds. The
+    config must ask for the stored tensors, key for key and shape for shape, so that
+    rebuilding the flow costs what the file already cost, whatever the config says.
+
+    The shapes it implies are found without building it at its size: small probe flows
+    (every hidden width 1, then one width at a time 2) give each dimension as
+    ``a + sum_j b_j (h_j - 1)``, linear in the widths ``h_j``, which is how layer widths
+    enter weight shapes. Each probe has at most as many blocks as the file has tensors.
+
+    Raises:
+        CheckpointError: naming the first option or tensor that does not match.
+    """
+
+    def ints_in(value: Any) -> Iterator[int]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            yield value
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from ints_in(v)
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                yield from ints_in(v)
+
+    too_big = [v for v in ints_in(dict(config)) if abs(v) > MAX_CONFIG_INT]
+    if too_big:
+        raise CheckpointError(
+            f"the checkpoint's flow config asks for {too_big[0]}, above the limit "
+            f"{MAX_CONFIG_INT} of any size or count it may ask for"
+        )
+    name, input_dim = config["name"], config["input_dim"]
+    options = {k: v for k, v in config.items() if k not in ("name", "input_dim")}
+    blocks, hidden = options.get("num_blocks", 1), options.get("hidden_dims")
+    for what, value in [("input_dim", input_dim), ("num_blocks", blocks)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(
+                f"the checkpoint's flow config has {what}={value!r:.80}; expected a positive int"
+            )
+    if hidden is not None and (
+        not isinstance(hidden, list)
+        or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
+    ):
+        raise CheckpointError(
+            f"the checkpoint's flow config has hidden_dims={hidden!r:.80}; "
+            "expected a list of positive ints"
+        )
+    # every block holds at least one tensor, and every layer adds one to each block
+    if blocks > len(weights) or (hidden is not None and len(hidden) > len(weights)):
+        raise CheckpointError(
+            f"the checkpoint's flow config asks for {blocks} blocks of {len(hidden or [])} "
+            f"hidden layers, but the file stores only {len(weights)} tensors"
+        )
+    largest = max((max(v.shape, default=1) for v in weights.values()), default=0)
+    if input_dim > largest:
+        raise CheckpointError(
+            f"the checkpoint's flow config has input_dim={input_dim}, but no stored tensor "
+            f"has a dimension that large (largest {largest})"
+        )
+
+    def probe(widths: list[int] | None) -> dict[str, tuple[int, ...]]:
+        cfg = dict(options) if widths is None else {**options, "hidden_dims": widths}
+        flow = build_flow(name, input_dim, **cfg)
+        return {k: tuple(v.shape) for k, v in flow.state_dict().items()}
+
+    # the probes draw initial weights: leave the caller's random stream as it was
+    with torch.random.fork_rng(devices=[]):
+        expected = _probe_shapes(probe, hidden)
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint's flow config does not describe its weights: stored tensor "
+            f"{unexpected[0]!r} (and {len(unexpected) - 1} more) is not in a {name} flow of "
+            f"{blocks} blocks"
+        )
+    for key, shape in expected.items():
+        if key not in weights:
+            # a missing flag (a buffer added in a later version) is left to the module's
+            # own loading; a missing weight means the config asks for more than is stored
+            if math.prod(d for d in shape if d >= 0) > 1:
+                raise CheckpointError(
+                    f"the checkpoint's flow config asks for tensor {key!r} of shape "
+                    f"{list(shape)}, which the file does not store"
+                )
+            continue
+        stored = tuple(weights[key].shape)
+        if len(stored) != len(shape) or any(d >= 0 and d != s for d, s in zip(shape, stored)):
+            raise CheckpointError(
+                f"the checkpoint's flow config asks for {key!r} of shape {list(shape)}, but "
+                f"the file stores shape {list(stored)}"
+            )
+
+
+def _probe_shapes(
+    probe: Callable[[list[int] | None], dict[str, tuple[int, ...]]], hidden: list[int] | None
+) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes a config implies, from probes of width 1 and 2 (-1: unknown)."""
+    try:
+        if hidden is None:  # sizes follow from input_dim alone, bounded above
+            expected = probe(None)
+        else:
+            base = probe([1] * len(hidden))
+            slopes = []
+            for j in range(len(hidden)):
+                bumped = probe([2 if i == j else 1 for i in range(len(hidden))])
+                if bumped.keys() != base.keys():  # width changes the structure: no shapes
+                    slopes = None
+                    break
+                slopes.append(bumped)
+            expected = {
+                k: tuple(
+                    d + sum((s[k][i] - d) * (h - 1) for s, h in zip(slopes, hidden))
+                    if slopes is not None and all(len(s[k]) == len(shape) for s in slopes)
+                    else -1  # unknown: left to load_state_dict
+                    for i, d in enumerate(shape)
+                )
+                for k, shape in base.items()
+            }
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"the checkpoint's flow config is not valid: {err}") from err
+    return expected
 
 
 def load_flow(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TransformModule:
     """Rebuild the flow stored in a checkpoint (a path or a loaded dict), in eval mode.
 
+    The flow config is checked against the stored tensors (names and shapes) before the
+    flow is built, so a config that asks for more than the file holds fails at once
+    instead of allocating it; every integer in it is bounded by :data:`MAX_CONFIG_INT`.
+
     Raises:
-        CheckpointError: unreadable file, no flow config, or weights that do not fit.
+        CheckpointError: unreadable file, no flow config, a config that does not describe
+            the stored tensors, or weights that do not fit.
 
     Example:
         >>> import pathlib, tempfile
@@ -465,10 +660,27 @@ def load_flow(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TransformMod
         >>> loaded.training, abs(evaluate_nll(loaded, data) - evaluate_nll(flow, data)) < 1e-6
         (False, True)
     """
-    state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
-    config = dict((state.get("config") or {}).get("flow") or {})
+    if isinstance(checkpoint, Mapping):
+        state = checkpoint
+        missing = [k for k in ("step", "flow_state", "config") if k not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}")
+        _check_structure(
+            {"optim_state": {}, "rng": {}, **state}, "the checkpoint"
+        )  # optimiser and RNG states are not needed to rebuild the flow
+    else:
+        state = load_checkpoint(checkpoint)
+    config = dict(state["config"].get("flow") or {})
     if "name" not in config or "input_dim" not in config:
         raise CheckpointError("the checkpoint has no flow config to rebuild the flow from")
+    if config["name"] not in FLOWS:
+        raise CheckpointError(
+            f"the checkpoint's flow config names flow {config['name']!r:.80}; "
+            f"expected one of {', '.join(FLOWS)}"
+        )
+    # before building anything: a config that asks for more than the file stores (20,000
+    # blocks, 30,000-wide layers) would otherwise cost minutes and gigabytes to refuse
+    _check_flow_config(config, state["flow_state"])
     name, input_dim = config.pop("name"), config.pop("input_dim")
     try:
         flow = build_flow(name, input_dim, **config)
@@ -604,6 +816,9 @@ def fit_density(
         checkpoint_every: steps between checkpoints.
         resume: continue from ``checkpoint_path`` if it exists; the run then continues
             exactly as an uninterrupted one would (parameters, optimiser and RNG states).
+            New ``steps``, ``lr`` or ``lr_final`` are honoured: from the checkpoint's step
+            on, the learning rate is the one a run started with them would use there;
+            the checkpoint's ``config["fit"]["segments"]`` records each stretch's settings.
         config: how to rebuild the flow, stored in the checkpoint under ``"flow"``
             (default: ``flow.flow_config``, set by :func:`build_flow`).
         metadata: anything else to store with it under ``"metadata"`` (plain types), such
@@ -665,7 +880,7 @@ def fit_density(
     pyro.set_rng_seed(seed)
     start, losses = 0, []
     if resume and Path(checkpoint_path).is_file():  # type: ignore[arg-type]
-        start, losses = _restore(flow, optim, load_checkpoint(checkpoint_path), steps)  # type: ignore[arg-type]
+        start, losses = _restore(flow, optim, load_checkpoint(checkpoint_path), steps, run_config)  # type: ignore[arg-type]
 
     iterations_before = inverse_iterations(flow)
     with pyro.get_param_store().scope():
@@ -753,18 +968,79 @@ def _check_fit_args(
 
 
 def _restore(
-    flow: TransformModule, optim: JointOptim, state: Mapping[str, Any], steps: int
+    flow: TransformModule,
+    optim: JointOptim,
+    state: Mapping[str, Any],
+    steps: int,
+    run_config: dict[str, Any] | None = None,
 ) -> tuple[int, list[float]]:
+    """Load a checkpoint to resume from, honouring this call's schedule.
+
+    The parameters, optimiser moments and RNG states continue exactly. The learning-rate
+    schedule is this call's (``lr``, ``lr_final``, ``steps`` in ``run_config["fit"]``): from
+    the checkpoint's step on, each step uses the rate a run started with these settings
+    would use there. Unchanged settings keep the saved state bit for bit (an interrupted
+    run continues exactly). ``run_config["fit"]`` is updated to say what really ran:
+    ``seed`` becomes the seed whose RNG states were restored, and ``segments`` lists each
+    stretch of steps with the settings it used.
+    """
     step = int(state["step"])
     if step > steps:
-        raise CheckpointError(f"the checkpoint is at step {step}, past steps={steps}")
+        raise CheckpointError(
+            f"the checkpoint is at step {step}, past steps={steps}: pass steps >= {step} to "
+            "continue it"
+        )
     try:
         flow.load_state_dict(state["flow_state"])
     except RuntimeError as err:
         raise CheckpointError(f"the checkpoint does not fit this flow: {err}") from err
-    optim.set_state(state["optim_state"])
+    optim_state = state["optim_state"]
+    if run_config is not None:
+        fit = run_config["fit"]
+        optim_state = _replan_schedule(optim_state, step, steps, fit["lr"], fit["lr_final"])
+        saved = dict(state["config"].get("fit") or {})
+        segments = list(saved.get("segments") or [_segment(saved, 0)])
+        fit["segments"] = [*segments, _segment(fit, step)]
+        if "seed" in saved:  # the RNG states restored come from that seed's run
+            fit["seed"] = saved["seed"]
+    optim.set_state(optim_state)
     _set_rng_state(state["rng"])
     return step, [float(v) for v in state.get("losses", [])]
+
+
+def _segment(fit: Mapping[str, Any], start: int) -> dict[str, Any]:
+    keys = ("steps", "lr", "lr_final", "batch_size", "clip_norm")
+    return {"from_step": start, **{k: fit.get(k) for k in keys}}
+
+
+def _replan_schedule(
+    optim_state: Mapping[str, Any], step: int, steps: int, lr: float, lr_final: float
+) -> Mapping[str, Any]:
+    """The saved optimiser state with the learning-rate schedule of ``lr, lr_final, steps``.
+
+    :func:`fit_density`'s schedule is ``lr * gamma**k`` after ``k`` steps with
+    ``gamma = lr_final ** (1 / steps)``; the saved scheduler holds the gamma and rates of
+    the run that wrote it.
+    """
+    groups, scheduler = optim_state.get("groups"), optim_state.get("scheduler")
+    gamma = float(lr_final) ** (1.0 / steps)  # as fit_density computes it
+    if not groups or not isinstance(scheduler, Mapping):
+        raise CheckpointError(
+            "the checkpoint's optimiser state has no learning-rate schedule to resume"
+        )
+    if scheduler.get("gamma") == gamma and groups[0].get("initial_lr") == float(lr):
+        return optim_state  # the same schedule: continue it exactly
+    now = float(lr) * gamma**step
+    state = dict(optim_state)
+    state["groups"] = [{**group, "lr": now, "initial_lr": float(lr)} for group in groups]
+    rates = len(scheduler.get("base_lrs") or [0])
+    state["scheduler"] = {
+        **scheduler,
+        "gamma": gamma,
+        "base_lrs": [float(lr)] * rates,
+        "_last_lr": [now] * rates,
+    }
+    return state
 
 
 def _progress(steps: range, enabled: bool, start: int, total: int) -> Any:
