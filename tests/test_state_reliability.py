@@ -14,7 +14,12 @@ Numbers are compared in float64.
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import multiprocessing
+import pickle
+import re
 
 import pyro.distributions as dist
 import pytest
@@ -22,7 +27,18 @@ import torch
 from conftest import inflate
 from helpers import residual_lipschitz
 
-from pyro_invres import InvertibleResidual, iresnet, residual_flow
+from pyro_invres import (
+    InvertibleResidual,
+    base_shape,
+    conditional_additive_coupling,
+    conditional_affine_coupling,
+    conditional_iresnet,
+    conditional_revnet_block,
+    glow,
+    iresnet,
+    irevnet,
+    residual_flow,
+)
 from pyro_invres.nn import LipschitzMLP
 
 C = 0.9
@@ -213,3 +229,197 @@ def test_a_huge_learning_rate_keeps_the_learned_split_sound() -> None:
         assert bool(torch.isfinite(y).all())
         assert _layer_bound(block.nn) <= C * (1 + 1e-9)
         torch.testing.assert_close(block._inverse(y.clone()), x, atol=1e-8, rtol=0)
+
+
+# -- item 9: a whole flow pickles, deep-copies and crosses process boundaries ------------
+
+IMAGE = (1, 4, 4)
+
+
+def _conditional_case():
+    block = conditional_iresnet(2, 3, [8], lipschitz=C)
+    base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    context = torch.linspace(-1.0, 1.0, 3)
+    return (
+        block,
+        (2,),
+        lambda t: dist.ConditionalTransformedDistribution(base, [t]).condition(context),
+    )
+
+
+def _unconditional_case(flow, shape):
+    event = tuple(base_shape(flow, shape))
+    base = dist.Normal(torch.zeros(event), 1.0).to_event(len(event))
+    return flow, shape, lambda t: dist.TransformedDistribution(base, [t])
+
+
+FLOWS = {
+    "residual_flow": lambda: _unconditional_case(
+        residual_flow(2, num_blocks=2, hidden_dims=[8], lipschitz=C), (2,)
+    ),
+    "residual_flow-image": lambda: _unconditional_case(
+        residual_flow(IMAGE, num_blocks=1, hidden_dims=[4], num_scales=1), IMAGE
+    ),
+    "glow": lambda: _unconditional_case(
+        glow(IMAGE, num_scales=2, steps_per_scale=1, hidden_channels=4), IMAGE
+    ),
+    "irevnet": lambda: _unconditional_case(
+        irevnet(IMAGE, num_scales=1, blocks_per_scale=1, hidden_channels=4), IMAGE
+    ),
+    "conditional_iresnet": _conditional_case,
+}
+
+
+def _step(flow, make_dist, x: torch.Tensor) -> None:
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    loss = -make_dist(flow).log_prob(x.clone()).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _trained(name: str):
+    torch.manual_seed(0)
+    flow, shape, make_dist = FLOWS[name]()
+    inflate(flow, 3.0)  # the spectral normalisation is active
+    x = torch.randn(16, *shape)
+    for _ in range(2):
+        _step(flow, make_dist, x)
+    make_dist(flow).log_prob(x.clone())  # the vectors are fresh for the last weights
+    return flow, make_dist, x
+
+
+def _torch_save(flow):
+    buffer = io.BytesIO()
+    torch.save(flow, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = {
+    "torch.save": _torch_save,
+    "pickle": lambda flow: pickle.loads(pickle.dumps(flow)),
+    "deepcopy": copy.deepcopy,
+}
+
+
+def _log_prob(flow, make_dist, x: torch.Tensor) -> torch.Tensor:
+    return make_dist(flow).log_prob(x.clone()).detach()
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_a_copied_flow_scores_and_trains_exactly_as_the_original(name: str, how: str) -> None:
+    flow, make_dist, x = _trained(name)
+    clone = COPIES[how](flow)
+    assert clone is not flow
+    for training in (True, False):
+        flow.train(training)
+        clone.train(training)
+        assert torch.equal(_log_prob(clone, make_dist, x), _log_prob(flow, make_dist, x))
+    # the copy still trains, and takes the same step as the original
+    flow.train()
+    clone.train()
+    _step(flow, make_dist, x)
+    _step(clone, make_dist, x)
+    after = _log_prob(clone, make_dist, x)
+    torch.testing.assert_close(after, _log_prob(flow, make_dist, x), rtol=0, atol=1e-12)
+    original = {k: v for k, v in flow.state_dict().items()}
+    for k, v in clone.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_a_pickled_distribution_scores_like_the_original() -> None:
+    flow, make_dist, x = _trained("residual_flow")
+    d = make_dist(flow)
+    restored = pickle.loads(pickle.dumps(d))
+    assert torch.equal(restored.log_prob(x.clone()).detach(), d.log_prob(x.clone()).detach())
+
+
+def _worker_log_prob(flow, x: torch.Tensor) -> torch.Tensor:
+    event = tuple(base_shape(flow, x.shape[1:]))
+    base = dist.Normal(torch.zeros(event, dtype=x.dtype), 1.0).to_event(len(event))
+    return dist.TransformedDistribution(base, [flow]).log_prob(x.clone()).detach()
+
+
+def test_a_worker_process_receives_the_flow_and_scores_it() -> None:
+    flow, make_dist, x = _trained("residual_flow")
+    # before sending: pickling for a worker moves the parent's tensors to shared memory,
+    # and the parent's next iterative solve then starts cold (equal within its tolerance)
+    expected = _log_prob(flow, make_dist, x)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:  # the flow and x are pickled to the worker
+        remote = pool.apply(_worker_log_prob, (flow, x))
+    assert torch.equal(remote, expected)
+
+
+def test_a_copy_keeps_the_lipschitz_bound_after_edits() -> None:
+    """The copy's bookkeeping is its own: editing its weights renormalises them."""
+    flow, make_dist, x = _trained("residual_flow")
+    clone = pickle.loads(pickle.dumps(flow))
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if name.endswith("original"):
+                p.mul_(4.0)
+    for block in _blocks(clone):
+        assert _layer_bound(block.nn) <= C * (1 + 1e-9)
+
+
+# -- item 12: a conditional block says which context it expected -------------------------
+
+CONDITIONAL_BLOCKS = {
+    "additive_coupling": (lambda: conditional_additive_coupling(4, 3, [8]), (4,)),
+    "affine_coupling-image": (lambda: conditional_affine_coupling((2, 4, 4), 3, [4]), (2, 4, 4)),
+    "revnet": (lambda: conditional_revnet_block(4, 3, [8], affine=True), (4,)),
+    "revnet-image": (lambda: conditional_revnet_block((2, 4, 4), 3, [4]), (2, 4, 4)),
+    "iresnet": (lambda: conditional_iresnet(2, 3, [8]), (2,)),
+}
+BAD_CONTEXTS = {"scalar": (), "too short": (2,), "too long": (5, 4)}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CONTEXTS))
+@pytest.mark.parametrize("name", list(CONDITIONAL_BLOCKS))
+def test_a_wrong_context_dimension_is_refused_clearly(name: str, bad: str) -> None:
+    make, shape = CONDITIONAL_BLOCKS[name]
+    block = make()
+    context = torch.zeros(BAD_CONTEXTS[bad])
+    got = re.escape(str(tuple(context.shape)))
+    expected = rf"context of shape \(\.\.\., 3\) \(context_dim=3\), got shape {got}"
+    with pytest.raises(ValueError, match=expected):
+        block.condition(context)(torch.randn(5, *shape))
+    base = dist.Normal(torch.zeros(shape), 1.0).to_event(len(shape))
+    flow = dist.ConditionalTransformedDistribution(base, [block])
+    with pytest.raises(ValueError, match=expected):
+        flow.condition(context).log_prob(torch.randn(5, *shape))
+
+
+@pytest.mark.parametrize("name", list(CONDITIONAL_BLOCKS))
+def test_a_context_batch_that_does_not_fit_is_refused_clearly(name: str) -> None:
+    make, shape = CONDITIONAL_BLOCKS[name]
+    block = make()
+    with pytest.raises(ValueError, match=r"context's batch shape \(7,\) does not"):
+        block.condition(torch.zeros(7, 3))(torch.randn(5, *shape))
+
+
+@pytest.mark.parametrize("name", list(CONDITIONAL_BLOCKS))
+def test_good_contexts_still_work(name: str) -> None:
+    make, shape = CONDITIONAL_BLOCKS[name]
+    block = make()
+    x = torch.randn(5, *shape)
+    for context in (torch.zeros(3), torch.randn(5, 3), torch.randn(1, 3)):
+        y = block.condition(context)(x)
+        assert y.shape == x.shape and bool(torch.isfinite(y).all())
+
+
+def test_conditional_networks_check_the_context_when_called_directly() -> None:
+    from pyro_invres.nn import ConditionalConvConditioner, ConditionalLipschitzMLP, make_conditioner
+
+    nets = [
+        (make_conditioner(2, 2, [8], context_dim=3), torch.randn(4, 2)),
+        (ConditionalConvConditioner(2, 3, 2, [4]), torch.randn(4, 2, 4, 4)),
+        (ConditionalLipschitzMLP(2, 3, [8]), torch.randn(4, 2)),
+    ]
+    for net, x in nets:
+        for context in (torch.tensor(1.0), torch.zeros(4, 2)):
+            with pytest.raises(ValueError, match=r"context_dim=3"):
+                net(x, context=context)

@@ -71,6 +71,44 @@ def _hidden(hidden_dims: Sequence[int]) -> list[int]:
     return hidden
 
 
+def _check_context(
+    context: Tensor,
+    context_dim: int,
+    x: Tensor | None = None,
+    event_dim: int = 1,
+    expand_only: bool = True,
+) -> None:
+    """Refuse a context that is not ``(..., context_dim)`` or whose batch does not fit ``x``.
+
+    Shapes only (no device synchronisation). ``x`` has ``event_dim`` event dimensions; its
+    batch shape must absorb the context's (``expand_only``: the context is expanded to
+    it, as Pyro's conditional networks do) or at least broadcast with it.
+    """
+    if not isinstance(context, Tensor):
+        raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
+    if context.dim() == 0 or context.shape[-1] != context_dim:
+        raise ValueError(
+            f"expected a context of shape (..., {context_dim}) (context_dim={context_dim}), "
+            f"got shape {tuple(context.shape)}"
+        )
+    if x is None:
+        return
+    x_batch, c_batch = x.shape[: x.dim() - event_dim], context.shape[:-1]
+    if c_batch == x_batch or not c_batch:
+        return
+    try:
+        joint = torch.broadcast_shapes(x_batch, c_batch)
+    except RuntimeError:
+        joint = None
+    if joint is None or (expand_only and joint != x_batch):
+        fits = "expand to" if expand_only else "broadcast with"
+        raise ValueError(
+            f"the context's batch shape {tuple(c_batch)} does not {fits} the batch shape "
+            f"{tuple(x_batch)} of the network's input (context shape "
+            f"{tuple(context.shape)}, input shape {tuple(x.shape)})"
+        )
+
+
 def default_hidden_dims(in_shape: int | Sequence[int]) -> list[int]:
     """Hidden sizes used when a factory gets ``hidden_dims=None``.
 
@@ -181,6 +219,8 @@ class ConditionalConvConditioner(ConvConditioner):
         self.context_layer = nn.Linear(self.context_dim, self.first.out_channels)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        # a wrong context used to fail inside expand, or (a scalar) to broadcast silently
+        _check_context(context, self.context_dim, x, event_dim=3)
         context = context.expand(*x.shape[:-3], self.context_dim)
         return self._run(x, self.context_layer(context))
 
@@ -263,6 +303,11 @@ class _LeanDenseNN(DenseNN):
 
 class _LeanConditionalDenseNN(ConditionalDenseNN):
     """:class:`pyro.nn.ConditionalDenseNN` with the faster forward of :class:`_LeanDenseNN`."""
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        # Pyro's fails with a matrix-multiply error (an IndexError for a scalar context)
+        _check_context(context, self.context_dim, x)
+        return super().forward(x, context)
 
     def _forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         return _lean_forward(self, x)

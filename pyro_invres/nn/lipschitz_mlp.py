@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import expansion, make_activation
+from .conditioners import _check_context
 from .spectral import spectral_norm
 
 __all__ = ["LipschitzMLP", "ConditionalLipschitzMLP", "SPLITS"]
@@ -285,11 +286,7 @@ class ConditionalLipschitzMLP(nn.Module):
         self.rest = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        if context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"expected context with last dimension {self.context_dim}, "
-                f"got shape {tuple(context.shape)}"
-            )
+        _check_context(context, self.context_dim, x, expand_only=False)
         # batch shapes of x and context broadcast, as Pyro's conditional transforms do
         return self.rest(self.first(x) + self.context_layer(context))
 
@@ -304,11 +301,7 @@ class ConditionalLipschitzMLP(nn.Module):
             >>> g.forward_with_jacobian(torch.randn(4, 2), torch.randn(4, 3))[1].shape
             torch.Size([4, 2, 2])
         """
-        if context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"expected context with last dimension {self.context_dim}, "
-                f"got shape {tuple(context.shape)}"
-            )
+        _check_context(context, self.context_dim, x, expand_only=False)
         weight = self.first.weight
         h = F.linear(x, weight, self.first.bias) + self.context_layer(context)
         h, tangents = _forward_with_tangents(self.rest, h, None, weight.t())

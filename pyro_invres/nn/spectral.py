@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -195,6 +196,9 @@ class SpectralNormScale(nn.Module):
     """
 
     _exact_ok = True  # dense layers: the Gram matrix of the smaller side is explicit
+    # bookkeeping that state_dict() writes without changing the map: a transform's cached
+    # pair survives it (see pyro_invres.transforms.base)
+    _cache_exempt_buffers = ("fresh", "weight_digest")
 
     def __init__(
         self,
@@ -436,6 +440,12 @@ class SpectralNormScale(nn.Module):
             state_dict[key] = torch.full_like(self.weight_digest, math.nan)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the fingerprint names a tensor of this process; a copy's owner re-marks it
+        state = dict(self.__dict__)
+        state["_seen"], state["_weight_seen"] = None, None
+        return state
+
     def extra_repr(self) -> str:
         return f"lipschitz={self.lipschitz}, n_power_iterations={self.n_power_iterations}"
 
@@ -525,17 +535,90 @@ class ConvSpectralNormScale(SpectralNormScale):
         return super().extra_repr() + f", input_shape={self.input_shape}"
 
 
+def _note_saving(name: str, mod: nn.Module, prefix: str, keep_vars: bool) -> None:
+    plist = mod.parametrizations[name]
+    plist[0].note_saving(plist.original)
+
+
+def _mark_loaded(name: str, mod: nn.Module, incompatible: object) -> None:
+    plist = mod.parametrizations[name]
+    plist[0].mark_state(plist.original)
+
+
+_OWNER_HOOKS = (_note_saving, _mark_loaded)
+
+
 def _owner_hooks(module: nn.Module, name: str) -> None:
-    def pre_save(mod: nn.Module, prefix: str, keep_vars: bool) -> None:
-        plist = mod.parametrizations[name]
-        plist[0].note_saving(plist.original)
+    # module-level functions, not closures: the hooks travel with a pickled module
+    module.register_state_dict_pre_hook(functools.partial(_note_saving, name))
+    module.register_load_state_dict_post_hook(functools.partial(_mark_loaded, name))
 
-    def post_load(mod: nn.Module, incompatible: object) -> None:
-        plist = mod.parametrizations[name]
-        plist[0].mark_state(plist.original)
 
-    module.register_state_dict_pre_hook(pre_save)
-    module.register_load_state_dict_post_hook(post_load)
+def _reduce_parametrized(module: nn.Module, protocol: int) -> tuple:
+    """``__reduce_ex__`` of a spectrally normalised layer (pickle, ``torch.save``, deepcopy).
+
+    :mod:`torch.nn.utils.parametrize` swaps the layer's class for a generated one that
+    refuses to pickle. The layer is stored instead as its plain class, its other state,
+    and per parametrized tensor the original parameter and the parametrizations, which
+    :func:`_rebuild_parametrized` registers again. Whether the power-iteration vectors
+    matched the weight travels too, so the copy computes exactly what the original does.
+    """
+    state = dict(module.__dict__)
+    modules = state["_modules"].copy()
+    plists = modules.pop("parametrizations")
+    state["_modules"] = modules
+    for key in ("_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+        # ours are registered afresh on rebuilding (hook ids are per process)
+        state[key] = type(state[key])(
+            (k, h)
+            for k, h in state[key].items()
+            if getattr(h, "func", None) not in _OWNER_HOOKS
+        )
+    specs = []
+    for name, plist in plists.items():
+        marks = [
+            (not p._changed(plist.original), p._converged)
+            if isinstance(p, SpectralNormScale)
+            else (False, False)
+            for p in plist
+        ]
+        specs.append((name, list(plist), plist.original, bool(plist.unsafe), marks))
+    return _rebuild_parametrized, (type(module).__bases__[0], state, specs)
+
+
+def _rebuild_parametrized(base: type, state: dict[str, Any], specs: list[tuple]) -> nn.Module:
+    """Inverse of :func:`_reduce_parametrized`."""
+    module = base.__new__(base)
+    module.__setstate__(state)
+    for name, params, original, unsafe, marks in specs:
+        if isinstance(original, nn.Parameter):
+            module.register_parameter(name, original)
+        else:
+            module.register_buffer(name, original)
+        for p in params:
+            parametrize.register_parametrization(module, name, p, unsafe=unsafe)
+        plist = module.parametrizations[name]
+        for p, (fresh, converged) in zip(plist, marks):
+            if fresh:
+                p._mark_seen(plist.original)
+                p._converged = converged
+        if isinstance(plist[0], SpectralNormScale):
+            _owner_hooks(module, name)
+    _make_picklable(module)
+    return module
+
+
+def _make_picklable(module: nn.Module) -> None:
+    """Let a parametrized layer pickle, deep-copy and cross process boundaries.
+
+    Its class is the one :mod:`~torch.nn.utils.parametrize` generated for it alone, so
+    changing the class changes no other module.
+    """
+    cls = type(module)
+    cls.__reduce_ex__ = _reduce_parametrized  # type: ignore[method-assign, assignment]
+    # deepcopy then goes through the same reduction (one code path for every copy)
+    if "__deepcopy__" in cls.__dict__:
+        del cls.__deepcopy__
 
 
 def spectral_norm(
@@ -584,6 +667,7 @@ def spectral_norm(
         raise ValueError(f"spectral_norm expects a Linear or Conv2d, got {type(module).__name__}")
     parametrize.register_parametrization(module, name, param)
     _owner_hooks(module, name)
+    _make_picklable(module)
     return module
 
 

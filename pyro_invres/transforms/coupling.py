@@ -41,7 +41,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
-from ..nn.conditioners import ContextBound, make_conditioner
+from ..nn.conditioners import ContextBound, _check_context, make_conditioner
 from .base import InvertibleModule, as_event_shape
 
 __all__ = [
@@ -156,9 +156,18 @@ class _ConditionalBlock(ConditionalTransformModule):
         self.event_shape = _block_shape(input_dim)
         self.options = options
         # build one conditioned block now so that bad options fail here, not at first use
-        self.condition(torch.zeros(1))
+        dims = self._context_dims()
+        self.condition(torch.zeros(dims[0] if dims else 1))
+
+    def _context_dims(self) -> list[int]:
+        """The context sizes the networks declare (Pyro's unconditional DenseNN says 0)."""
+        dims = [getattr(getattr(self, name), "context_dim", None) for name in self.net_names]
+        return [d for d in dims if isinstance(d, int) and d > 0]
 
     def condition(self, context: Tensor) -> InvertibleModule:
+        for dim in self._context_dims():
+            # here, not as a matrix-multiply error (an IndexError for a scalar) at first use
+            _check_context(context, dim)
         bound = {name: ContextBound(getattr(self, name), context) for name in self.net_names}
         return self.block(input_dim=self.event_shape, **bound, **self.options)
 
