@@ -64,6 +64,21 @@ def _stamps(tensors: list[Tensor]) -> tuple[tuple[object, ...], ...]:
         return ((object(),),)
 
 
+_EXEMPT_BUFFERS: dict[type, frozenset[str]] = {}
+
+
+def _exempt_buffers(kind: type) -> frozenset[str]:
+    """Buffers a module class declares bookkeeping (``_cache_exempt_buffers``).
+
+    Such buffers are written without changing the map (a spectral norm records in
+    ``state_dict()`` whether its vectors are fresh): a cached pair survives them.
+    """
+    exempt = _EXEMPT_BUFFERS.get(kind)
+    if exempt is None:
+        exempt = _EXEMPT_BUFFERS[kind] = frozenset(getattr(kind, "_cache_exempt_buffers", ()))
+    return exempt
+
+
 def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     """Parameters and buffers of the module tree, and the contexts bound into it.
 
@@ -77,7 +92,11 @@ def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     while stack:
         m = stack.pop()
         state += m._parameters.values()
-        state += m._buffers.values()
+        exempt = _exempt_buffers(type(m))
+        if exempt:
+            state += [b for name, b in m._buffers.items() if name not in exempt]
+        else:
+            state += m._buffers.values()
         stack += m._modules.values()
         if isinstance(m, ContextBound) and isinstance(m.context, Tensor):
             contexts.append(m.context)
