@@ -59,6 +59,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "FLOWS",
     "CheckpointError",
+    "DegenerateDataError",
     "FitResult",
     "NonFiniteLossError",
     "atomic_write",
@@ -120,6 +121,35 @@ class NonFiniteLossError(FloatingPointError):
             f"{what} at step {step}; training stopped and no checkpoint was written for it"
             f"{detail} (try a lower lr or a smaller clip_norm)"
         )
+
+
+class DegenerateDataError(ValueError):
+    """The data have no density to fit, or training reached a loss no density of them has.
+
+    :func:`fit_density` raises it before training for columns with no spread (constant,
+    or varying only in the last bits of the float) and for columns that are exact linear
+    functions of one another; and during training, before that step's checkpoint, when
+    the loss runs absurdly far from a Gaussian fit to the data or an ActNorm scale
+    explodes (the flow squeezing a direction of the data to nothing: the data lie on a
+    lower-dimensional set, or are discrete values that need dequantisation noise).
+
+    Attributes:
+        columns: the event indices involved (ints for vectors, tuples for images).
+        step: the 1-based step at which training stopped; None before training.
+
+    Example:
+        >>> data = torch.cat([torch.randn(64, 2), torch.full((64, 1), 3.0)], 1)
+        >>> flow = build_flow("iresnet", 3, num_blocks=1, hidden_dims=[8])
+        >>> fit_density(flow, data, steps=5, progress=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pyro_invres.train.DegenerateDataError: data column 2 has no spread ...
+    """
+
+    def __init__(self, message: str, columns: Sequence[Any] = (), step: int | None = None) -> None:
+        self.columns = list(columns)
+        self.step = step
+        super().__init__(message)
 
 
 # -- flows by name ------------------------------------------------------------------------------
@@ -843,6 +873,7 @@ def fit_density(
         (20, True)
     """
     _check_fit_args(data, steps, batch_size, lr, checkpoint_every, resume, checkpoint_path)
+    gaussian_nll, narrow = _check_not_degenerate(data)
     device = torch.device(device)
     flow.to(device)
     flow.train()
@@ -882,6 +913,13 @@ def fit_density(
     if resume and Path(checkpoint_path).is_file():  # type: ignore[arg-type]
         start, losses = _restore(flow, optim, load_checkpoint(checkpoint_path), steps, run_config)  # type: ignore[arg-type]
 
+    # ActNorm initialises here, from the data and before the first step (a restored one
+    # is initialised already and stays as it is), never from whatever the first call sees
+    from .transforms.actnorm import initialize_actnorm
+
+    if not math.isnan(gaussian_nll):  # non-finite data: step 1 says so (NonFiniteLossError)
+        initialize_actnorm(flow, _spread_rows(data, 4096))
+    watch = _DegeneracyWatch(flow, gaussian_nll, event_shape, narrow)
     iterations_before = inverse_iterations(flow)
     with pyro.get_param_store().scope():
         svi = SVI(model, guide, optim, Trace_ELBO(max_plate_nesting=1))
@@ -901,6 +939,7 @@ def fit_density(
             optim.step()  # the learning-rate schedule
             if not math.isfinite(loss) or not _all_finite(params):
                 raise NonFiniteLossError(step + 1, loss, where)
+            watch.check(step + 1, float(loss), where)
             losses.append(float(loss))
             if progress and (step % 10 == 0 or step + 1 == steps):
                 bar.set_postfix(nll=f"{loss:.3f}", refresh=False)
@@ -938,6 +977,193 @@ def fit_density(
         checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
         config=run_config,
     )
+
+
+#: Rows of the data that statistics and ActNorm's initialisation look at (evenly spaced,
+#: so no random numbers are drawn and sorted data are still covered).
+_STAT_ROWS = 20_000
+
+
+def _spread_rows(data: Tensor, limit: int = _STAT_ROWS) -> Tensor:
+    if len(data) <= limit:
+        return data
+    return data[torch.linspace(0, len(data) - 1, limit, device=data.device).round().long()]
+
+
+def _name_columns(flat_indices: Sequence[int], event_shape: tuple[int, ...]) -> list[Any]:
+    if len(event_shape) == 1:
+        return [int(i) for i in flat_indices]
+    return [tuple(int(j) for j in np.unravel_index(int(i), event_shape)) for i in flat_indices]
+
+
+def _columns_text(columns: Sequence[Any], event_shape: tuple[int, ...]) -> str:
+    word = "column" if len(event_shape) == 1 else "element"
+    shown = ", ".join(str(c) for c in columns[:10])
+    more = f", ... ({len(columns)} in all)" if len(columns) > 10 else ""
+    return f"{word}{'s' if len(columns) > 1 else ''} {shown}{more}"
+
+
+def _check_not_degenerate(data: Tensor) -> tuple[float, list[Any]]:
+    """Refuse data that have no density; return a diagonal Gaussian's NLL of them (nats)
+    and the nearly constant columns (warned about).
+
+    A constant column makes the maximum likelihood infinite: the flow squeezes it without
+    end and the losses run to 1e6-1e21 while nothing fails. So does a column that is a
+    linear function of others. Both are named here, before any step is taken.
+    """
+    event_shape = tuple(data.shape[1:])
+    with torch.no_grad():
+        flat = data.detach().reshape(len(data), -1)
+        if not bool(torch.isfinite(flat).all()):
+            return math.nan, []  # training reports non-finite values itself, at step 1
+        # a spread within a few float spacings of the values is no spread: exact min and
+        # max over every row, in the data's own dtype
+        hi, lo = flat.amax(0), flat.amin(0)
+        eps = torch.finfo(flat.dtype).eps
+        flat_const = (hi - lo) <= 4 * eps * torch.maximum(hi.abs(), lo.abs())
+        if bool(flat_const.any()):
+            columns = _name_columns(flat_const.nonzero().flatten().tolist(), event_shape)
+            values = hi[flat_const][:3].tolist()
+            raise DegenerateDataError(
+                f"data {_columns_text(columns, event_shape)} "
+                f"{'have' if len(columns) > 1 else 'has'} no spread (constant at "
+                f"{', '.join(f'{v:.6g}' for v in values)}{'...' if len(columns) > 3 else ''}): "
+                "a density of such data is infinite and a fit only diverges; drop the "
+                "column(s), or add noise of the size of their measurement precision",
+                columns,
+            )
+        rows = _spread_rows(flat).cpu().double()
+        mean = rows.mean(0)
+        std = (rows - mean).square().mean(0).sqrt()
+        gaussian = float((0.5 * math.log(2 * math.pi * math.e) + std.log()).sum())
+        # a spread of only a few float spacings per standard deviation: all but constant
+        steps_per_sd = std / (eps * rows.abs().amax(0))
+        narrow = _name_columns((steps_per_sd < 64).nonzero().flatten().tolist(), event_shape)
+        if narrow:
+            import warnings
+
+            warnings.warn(
+                f"data {_columns_text(narrow, event_shape)} "
+                f"{'vary' if len(narrow) > 1 else 'varies'} by fewer than 64 float "
+                f"spacings ({data.dtype}) per standard deviation: nearly constant, so a fit "
+                "may diverge; drop them, or give them centred or in float64",
+                stacklevel=3,
+            )
+        n, dim = rows.shape
+        if 2 <= dim <= 256 and n > 2 * dim:
+            standard = (rows - mean) / std
+            corr = standard.T @ standard / n
+            values, vectors = torch.linalg.eigh(corr)
+            # the smallest eigenvalue rounding alone leaves, with room; below it the
+            # columns are functions of each other up to the float spacing of the data
+            reach = float((rows.abs().amax(0) / std).max())
+            tol = min(max((10 * eps * reach) ** 2, 1e-12), 1e-6)
+            null = vectors[:, values <= tol]
+            if null.shape[1]:
+                involved = null.abs().amax(1) > 1e-2
+                columns = _name_columns(involved.nonzero().flatten().tolist(), event_shape)
+                raise DegenerateDataError(
+                    f"data {_columns_text(columns, event_shape)} are linear functions of "
+                    f"one another (the smallest eigenvalue of their correlation matrix is "
+                    f"{float(values[0]):.2g}): the data lie on a lower-dimensional subspace, "
+                    "where a density is infinite and a fit only diverges; drop the "
+                    "redundant column(s)",
+                    columns,
+                )
+    return gaussian, narrow
+
+
+class _DegeneracyWatch:
+    """Stops a fit whose loss or ActNorm scales show the data have no density.
+
+    Three signs, each far outside what a fit to data with a density can show:
+
+    * the loss more than 1000 nats per dimension above both the first loss and a
+      Gaussian fit to the data (a constant-like column blown up by a tiny scale);
+    * the loss below a Gaussian fit by ``-log(eps)`` nats per dimension: a density that
+      resolves every dimension finer than the float spacing of the data;
+    * an ActNorm scale that moved by more than a factor ``1 / eps`` since this run began.
+    """
+
+    def __init__(
+        self,
+        flow: torch.nn.Module,
+        gaussian_nll: float,
+        event_shape: tuple,
+        suspects: Sequence[Any] = (),
+    ) -> None:
+        from .transforms.actnorm import ActNorm
+
+        self.norms = [(n, m) for n, m in flow.named_modules() if isinstance(m, ActNorm)]
+        self.start = [m.log_scale.detach().clone() for _, m in self.norms]
+        self.dims = math.prod(event_shape)
+        params = list(flow.parameters())
+        dtype = params[0].dtype if params else torch.float32
+        self.resolution = -math.log(torch.finfo(dtype).eps)
+        self.gaussian = gaussian_nll
+        self.suspects = list(suspects)
+        self.event_shape = tuple(event_shape)
+        self.first: float | None = None
+        parts = list(flow) if isinstance(flow, torch.nn.ModuleList) else []
+        # the outermost ActNorm standardises the data themselves: its channels are columns
+        self.data_side = (
+            parts[-1]
+            if parts and isinstance(parts[-1], ActNorm) and len(event_shape) == 1
+            else None
+        )
+
+    def check(self, step: int, loss: float, where: str) -> None:
+        if self.first is None:
+            self.first = loss
+        ceiling = self.first if math.isnan(self.gaussian) else max(self.first, self.gaussian)
+        ceiling += 1e3 * self.dims
+        advice = (
+            "; the data may be degenerate (a nearly constant column, columns that are "
+            "functions of one another, discrete values that need dequantisation noise)"
+        )
+        if self.suspects:
+            advice += f"; nearly constant: data {_columns_text(self.suspects, self.event_shape)}"
+        reference = ceiling - 1e3 * self.dims
+        if loss > ceiling:
+            raise DegenerateDataError(
+                f"loss {loss:.4g} at step {step} is more than 1000 nats per dimension above "
+                f"the first loss and a Gaussian fit to the data ({reference:.4g}): training "
+                f"diverged{advice}, or lr is too high{where}",
+                self.suspects,
+                step,
+            )
+        floor = self.gaussian - self.dims * self.resolution
+        if loss < floor:
+            raise DegenerateDataError(
+                f"loss {loss:.4g} at step {step} is below {floor:.4g}, what a density that "
+                "resolves every dimension to the float spacing of the data would score: the "
+                f"flow is collapsing the data onto a lower-dimensional set{advice}{where}",
+                self.suspects,
+                step,
+            )
+        if not self.norms:
+            return
+        with torch.no_grad():
+            moved = [(m.log_scale - s).abs() for (_, m), s in zip(self.norms, self.start)]
+            if float(torch.stack([d.max() for d in moved]).max()) <= self.resolution:
+                return
+        for (name, module), drift in zip(self.norms, moved):
+            channels = (drift > self.resolution).nonzero().flatten().tolist()
+            if not channels:
+                continue
+            columns = channels if module is self.data_side else []
+            what = (
+                f"data {_columns_text(columns, (self.dims,))}"
+                if columns
+                else f"channel(s) {channels[:10]} of ActNorm '{name}'"
+            )
+            raise DegenerateDataError(
+                f"the scale of {what} changed by more than a factor "
+                f"{math.exp(self.resolution):.2g} since training began (at step {step}): the "
+                f"flow is squeezing a direction of the data to nothing{advice}{where}",
+                columns,
+                step,
+            )
 
 
 def _check_fit_args(

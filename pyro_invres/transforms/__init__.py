@@ -1,6 +1,6 @@
 """Invertible blocks, each a Pyro ``TransformModule`` with a factory."""
 
-from .actnorm import ActNorm, actnorm
+from .actnorm import ActNorm, actnorm, initialize_actnorm
 from .base import InvertibleModule
 from .conv1x1 import InvertibleConv1x1, invertible_conv1x1
 from .coupling import (
@@ -57,6 +57,7 @@ __all__ = [
     "conditional_affine_coupling",
     "conditional_iresnet",
     "conditional_revnet_block",
+    "initialize_actnorm",
     "invertible_conv1x1",
     "invertible_downsampling",
     "inverse",
