@@ -98,9 +98,14 @@ class SolveInfo:
 
     Attributes:
         iterations: evaluations of ``f`` after the starting point.
-        error: the largest per-sample error bound at the end (absolute).
+        error: the error bound achieved (absolute), at the worst sample: with a
+            ``contraction`` it is the rigorous Banach bound ``c/(1-c) ||f(x) - x||`` of the
+            point returned, whatever the reason the solve stopped.
         tolerance: the per-sample tolerance it was compared with (at the worst sample).
-        converged: whether every sample met its tolerance.
+        converged: whether every sample's bound met its tolerance; nothing else (a stop
+            at the rounding floor included) counts.
+        stalled: whether some sample stopped short of its tolerance because its step no
+            longer shrank (the dtype's rounding floor, amplified by ``c/(1-c)``).
 
     Example:
         The steps of ``x = x / 2`` halve at every iteration; from ``(1, 1)`` in float32
@@ -116,37 +121,64 @@ class SolveInfo:
     error: float
     tolerance: float
     converged: bool
+    stalled: bool = False
 
 
 def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     """``(atol, rtol)`` close to what ``dtype`` can resolve after a contraction.
 
-    float64 gets 1e-10, float32 2e-5 (its noise floor after a ``c/(1-c)`` amplification),
-    half precisions 1e-2. A sample has converged when
+    float64 gets 1e-10, float32 2e-5 (its noise floor after a ``c/(1-c)`` amplification
+    at ``c = 0.9``), float16 1e-2 and bfloat16 (8 significant bits: a step cannot
+    shrink below about 1e-2 of the iterate) 5e-2. A sample has converged when
 
     .. math::
 
         \\frac{c}{1 - c}\\,\\|x_k - x_{k-1}\\| \\le \\mathrm{atol} + \\mathrm{rtol}\\,\\|x_k\\| .
 
+    These are not feasible for every ``c``: the rounding floor of the step grows by
+    ``c/(1-c)`` in the bound (in float32, 99x at ``c = 0.99``), and a solve that stalls
+    there short of its tolerance warns (or raises under ``strict=True``) with the bound
+    it reached; it is never reported as converged.
+
     Example:
         >>> import torch
         >>> default_tolerances(torch.float64), default_tolerances(torch.float32)
         ((1e-10, 1e-10), (2e-05, 2e-05))
-        >>> default_tolerances(torch.bfloat16)
-        (0.01, 0.01)
+        >>> default_tolerances(torch.float16), default_tolerances(torch.bfloat16)
+        ((0.01, 0.01), (0.05, 0.05))
     """
     bits = torch.finfo(dtype).bits
     if bits >= 64:
         return 1e-10, 1e-10
     if bits >= 32:
         return 2e-5, 2e-5
+    if dtype == torch.bfloat16:
+        return 5e-2, 5e-2
     return 1e-2, 1e-2
+
+
+def _wider_name(dtype: torch.dtype) -> str:
+    return "torch.float64" if torch.finfo(dtype).bits >= 32 else "torch.float32 (or float64)"
 
 
 def _sample_norm(t: Tensor, event_dim: int) -> Tensor:
     if event_dim == 0:
         return t.abs()
     return t.flatten(start_dim=t.dim() - event_dim).norm(dim=-1)
+
+
+def _check_tolerance(name: str, value: object) -> float | None:
+    """``value`` as a float, or ``None``; a tolerance must be a finite number ``>= 0``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    value = float(value)
+    # a NaN tolerance makes every comparison false (never converges, or passes a NaN
+    # check), an infinite one accepts any answer: both hide what was really achieved
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
 
 
 def _bound_factor(contraction: float | None) -> float:
@@ -217,103 +249,244 @@ def solve_fixed_point(
         raise ValueError("method='newton' takes jacobian=(x -> (f(x), J_f(x))), and only it")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    atol, rtol = _check_tolerance("atol", atol), _check_tolerance("rtol", rtol)
     d_atol, d_rtol = default_tolerances(x0.dtype)
-    atol = d_atol if atol is None else float(atol)
-    rtol = d_rtol if rtol is None else float(rtol)
-    if atol < 0 or rtol < 0:
-        raise ValueError(f"tolerances must be non-negative, got atol={atol}, rtol={rtol}")
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
     factor = _bound_factor(contraction)
     eps = torch.finfo(x0.dtype).eps
     event_ndim = min(event_dim, x0.dim())
     numel_event = max(1, math.prod(x0.shape[x0.dim() - event_ndim :]))
-    mixer = _AndersonMixer(history, numel_event) if method == "anderson" else None
-    newton = None
-    if method == "newton":
+    batch_shape = x0.shape[: x0.dim() - event_ndim]
+    stepper: _Stepper = _Stepper()
+    if method == "anderson":
+        stepper = _AndersonStepper(history, numel_event)
+    elif method == "newton":
         if event_ndim != 1:
             raise ValueError(f"method='newton' takes one event dimension, got {event_dim}")
-        newton = _NewtonStepper(contraction)
+        stepper = _NewtonStepper(contraction)
+
+    def per_sample(t: Tensor) -> Tensor:  # (B,) -> broadcastable against x
+        return t.reshape(batch_shape + (1,) * event_ndim)
 
     with torch.no_grad():
         x = x0.detach()
         if x.numel() == 0:
             return x, SolveInfo(0, 0.0, 0.0, True)
-        info = SolveInfo(0, math.inf, math.nan, False)
-        for it in range(1, max_iter + 1):
+        n = max(1, math.prod(batch_shape))
+        flags = torch.zeros(n, dtype=torch.bool, device=x.device)
+        converged, stalled, failed = flags.clone(), flags.clone(), flags.clone()
+        # per sample: the point returned and its bound, fixed once the sample settles
+        result, res_error = x.clone(), torch.full_like(flags, math.inf, dtype=torch.float64)
+        res_tol = torch.full_like(res_error, math.nan)
+        # the point with the smallest step seen so far, returned by a sample that stalls
+        # or runs out of iterations (its Banach bound is the best one on offer)
+        best_step = torch.full_like(res_error, math.inf)
+        best_fx, best_tol = x.clone(), res_tol.clone()
+        since_best = torch.zeros(n, dtype=torch.long, device=x.device)
+        it = 0
+        while it < max_iter:
+            it += 1
             if jacobian is not None:
                 fx, jac = jacobian(x)
             else:
                 fx, jac = f(x), None
-            # Banach: ||f(x) - x*|| <= c / (1 - c) * ||f(x) - x||, for any iterate x,
-            # so the bound stays rigorous under Anderson mixing too.
-            step = _sample_norm(fx - x, event_ndim).reshape(-1)
-            size = _sample_norm(fx, event_ndim).reshape(-1)
+            finite = torch.isfinite(fx).reshape(n, -1).all(-1)
+            # Banach: ||f(x) - x*|| <= c / (1 - c) * ||f(x) - x||, for any point x, so the
+            # bound stays rigorous at an accelerated (Anderson, Newton) point too.
+            step = _sample_norm(fx - x, event_ndim).reshape(-1).double()
+            size = _sample_norm(fx, event_ndim).reshape(-1).double()
+            step = torch.where(finite, step, math.inf)
+            size = torch.where(finite, size, 0.0)
             error = factor * step
             tol = atol + rtol * size
             # rounding in f bounds how small a step can get, whatever the tolerance
             floor = 8 * eps * (size + math.sqrt(numel_event))
-            if not bool(torch.isfinite(fx).all()):
-                info = SolveInfo(it, math.inf, float(tol.max()), False)
-                x = fx
+            accept = stepper.accept(x, fx, step)
+            settled = converged | stalled
+            # non-finite values at a point the solver had to take (the start or a Banach
+            # step) have no fallback: the solve fails there
+            failed = ~settled & ~finite & accept
+            if bool(failed.any()):
+                result = torch.where(per_sample(failed), fx, result)
+                res_error = torch.where(failed, math.inf, res_error)
+                res_tol = torch.where(failed, tol, res_tol)
                 break
-            ok = (error <= tol) | (step <= floor)
-            worst = int(torch.argmax(error - tol))
-            info = SolveInfo(it, float(error[worst]), float(tol[worst]), bool(ok.all()))
-            if info.converged:
-                x = fx
+            improved = step < best_step
+            best_step = torch.where(improved, step, best_step)
+            best_fx = torch.where(per_sample(improved), fx, best_fx)
+            best_tol = torch.where(improved, tol, best_tol)
+            since_best = torch.where(improved, 0, since_best + 1)
+            now_converged = ~settled & (error <= tol)
+            # at the floor the step no longer shrinks: more iterations cannot certify more
+            now_stalled = (
+                ~settled & ~now_converged & (best_step <= floor) & (since_best >= _PATIENCE)
+            )
+            result = torch.where(per_sample(now_converged), fx, result)
+            res_error = torch.where(now_converged, error, res_error)
+            res_tol = torch.where(now_converged, tol, res_tol)
+            converged |= now_converged
+            stalled |= now_stalled
+            if bool((converged | stalled).all()):
                 break
-            if newton is not None:
-                x = newton(x, fx, jac, step.reshape(x.shape[:-1]))  # type: ignore[arg-type]
-            else:
-                x = mixer(x, fx) if mixer is not None else fx
+            x = stepper.propose(x, fx, jac, accept)
+            x = torch.where(per_sample(converged), result, x)
+        # a sample that stalled or ran out of iterations returns its best point, bound and all
+        rest = ~converged & ~failed
+        result = torch.where(per_sample(rest), best_fx, result)
+        res_error = torch.where(rest, factor * best_step, res_error)
+        res_tol = torch.where(rest, best_tol, res_tol)
+        worst = int(torch.argmax(torch.nan_to_num(res_error - res_tol, nan=math.inf)))
+        info = SolveInfo(
+            it,
+            float(res_error[worst]),
+            float(res_tol[worst]),
+            bool(converged.all()),
+            bool((stalled & ~converged).any()),
+        )
     if not info.converged:
         message = (
             f"{what} did not converge: error bound {info.error:.3g} > tolerance "
             f"{info.tolerance:.3g} after {info.iterations} iterations (max_iter={max_iter}); "
-            "raise max_iter, loosen atol/rtol, or lower the Lipschitz coefficient"
         )
+        if bool(failed.any()):
+            message += "f returned non-finite values; check the input and the network"
+        elif info.stalled:
+            message += (
+                f"the step stopped shrinking at the rounding floor of {x0.dtype}, which the "
+                f"bound amplifies by c/(1-c) = {factor:.3g}: loosen atol/rtol, compute in "
+                f"{_wider_name(x0.dtype)}, or lower the Lipschitz coefficient"
+            )
+        else:
+            message += "raise max_iter, loosen atol/rtol, or lower the Lipschitz coefficient"
         if strict:
             raise ConvergenceError(message)
         warnings.warn(message, ConvergenceWarning, stacklevel=3)
-    return x, info
+    return result, info
 
 
-class _NewtonStepper:
+# iterations without a smaller step, at the rounding floor, before a sample counts as
+# stalled: rounding makes the step there fluctuate rather than shrink
+_PATIENCE = 3
+
+
+class _Stepper:
+    """The Banach step ``x <- f(x)``; every point is accepted."""
+
+    def accept(self, x: Tensor, fx: Tensor, step: Tensor) -> Tensor:
+        return torch.ones_like(step, dtype=torch.bool)
+
+    def propose(self, x: Tensor, fx: Tensor, jac: Tensor | None, accept: Tensor) -> Tensor:
+        return fx
+
+
+class _SafeguardedStepper(_Stepper):
+    """An accelerated step per sample, safeguarded by the Banach step.
+
+    A sample's point is accepted when its step ``||f(x) - x||`` (infinite where ``f`` is
+    not finite) is at most ``rate`` times the step at its last accepted point; a rejected
+    sample goes back to the Banach step ``f`` of its last accepted point, which is
+    accepted unconditionally (for a contraction its step shrinks by ``Lip(f)``), so a bad
+    accelerated point (a near-singular linear system, an overshoot) costs one evaluation
+    and never the solve.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.ref_step: Tensor | None = None  # step at the last accepted point
+        self.ref_x: Tensor | None = None  # the last accepted point
+        self.ref_fx: Tensor | None = None  # f there
+        self.fallback: Tensor | None = None  # samples now at a Banach fallback point
+
+    def accept(self, x: Tensor, fx: Tensor, step: Tensor) -> Tensor:
+        if self.ref_step is None or self.ref_x is None or self.ref_fx is None:
+            accept = torch.ones_like(step, dtype=torch.bool)
+            self.ref_step, self.ref_x, self.ref_fx = step, x, fx
+        else:
+            accept = (step <= self.rate * self.ref_step) | self.fallback  # type: ignore[operator]
+            self.ref_step = torch.where(accept, step, self.ref_step)
+            self.ref_x = _where_sample(accept, x, self.ref_x)
+            self.ref_fx = _where_sample(accept, fx, self.ref_fx)
+        self.fallback = ~accept
+        return accept
+
+    def fall_back(self, proposal: Tensor, accept: Tensor) -> Tensor:
+        """``proposal`` where accepted, else the Banach step from the last accepted point."""
+        return _where_sample(accept, proposal, self.ref_fx)  # type: ignore[arg-type]
+
+
+def _where_sample(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``a`` for the samples in ``mask`` (flat over the batch), else ``b``."""
+    flat = torch.where(mask[:, None], a.reshape(mask.shape[0], -1), b.reshape(mask.shape[0], -1))
+    return flat.reshape(a.shape)
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the half precisions (torch's LU has no kernels for them), else ``dtype``."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def _guarded_solve(system: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``(B, k, k) @ (B, k, 1)`` per sample without raising: ``(solution, ok)``.
+
+    A sample whose system is singular or not finite gets ``ok = False`` (and a zero
+    solution) instead of an exception for the whole batch.
+    """
+    usable = torch.isfinite(system).flatten(1).all(-1) & torch.isfinite(rhs).flatten(1).all(-1)
+    # nothing non-finite may enter the factorisation: a harmless system stands in
+    eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
+    system = torch.where(usable[:, None, None], system, eye)
+    rhs = torch.where(usable[:, None, None], rhs, 0.0)
+    solution, status = torch.linalg.solve_ex(system, rhs)
+    ok = usable & (status == 0) & torch.isfinite(solution).flatten(1).all(-1)
+    return torch.where(ok[:, None, None], solution, 0.0), ok
+
+
+class _NewtonStepper(_SafeguardedStepper):
     """Safeguarded Newton steps for ``x = f(x)``, one event dimension, per sample.
 
-    A sample's point is accepted when its step ``||f(x) - x||`` is at most ``rate`` times
-    the step at its last accepted point; a rejected sample goes back to the Banach step
-    ``f`` of its last accepted point, which is accepted unconditionally (for a contraction
-    its step shrinks by ``Lip(f)``), so no sample can stall.
+    ``(I - J_f)`` is invertible when ``Lip(f) < 1``, but rounding (or a network whose
+    bound is loose) can make it singular: the solve reports that instead of raising, and
+    such a sample takes the Banach step.
     """
 
     def __init__(self, contraction: float | None) -> None:
-        self.rate = 1.0 if contraction is None else float(contraction)
-        self.ref_step: Tensor | None = None  # step at the last accepted point
-        self.ref_fx: Tensor | None = None  # f at the last accepted point
-        self.fallback: Tensor | None = None  # samples now at a Banach fallback point
+        super().__init__(1.0 if contraction is None else float(contraction))
 
-    def __call__(self, x: Tensor, fx: Tensor, jac: Tensor, step: Tensor) -> Tensor:
-        if self.ref_step is None or self.ref_fx is None or self.fallback is None:
-            accept = torch.ones_like(step, dtype=torch.bool)
-            self.ref_step, self.ref_fx = step, fx
-        else:
-            accept = (step <= self.rate * self.ref_step) | self.fallback
-            self.ref_step = torch.where(accept, step, self.ref_step)
-            self.ref_fx = torch.where(accept[..., None], fx, self.ref_fx)
-        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-        delta = torch.linalg.solve(eye - jac, (x - fx).unsqueeze(-1)).squeeze(-1)
-        x_new = x - delta
-        x_new = torch.where(torch.isfinite(x_new), x_new, fx)
-        self.fallback = ~accept
-        return torch.where(accept[..., None], x_new, self.ref_fx)
+    def propose(self, x: Tensor, fx: Tensor, jac: Tensor | None, accept: Tensor) -> Tensor:
+        assert jac is not None
+        n, d, wide = accept.shape[0], x.shape[-1], _wide_dtype(x.dtype)
+        eye = torch.eye(d, dtype=wide, device=x.device)
+        system = (eye - jac.to(wide)).reshape(n, d, d)
+        delta, good = _guarded_solve(system, (x - fx).to(wide).reshape(n, d, 1))
+        x_new = (x - delta.reshape(x.shape)).to(x.dtype)
+        good &= torch.isfinite(x_new).reshape(n, -1).all(-1)
+        return self.fall_back(_where_sample(good, x_new, fx), accept)
 
 
-class _AndersonMixer:
-    """Type-II Anderson mixing with per-sample coefficients and a Tikhonov guard."""
+class _AndersonStepper(_SafeguardedStepper):
+    """Type-II Anderson mixing (Walker & Ni 2011) with per-sample coefficients.
+
+    The coefficients solve the regularised normal equations of the least-squares problem
+    ``min ||G_k - dG gamma||``,
+
+    .. math::
+
+        (dG^\\top dG + \\lambda I)\\,\\gamma = dG^\\top G_k, \\qquad
+        \\lambda = 100\\,\\varepsilon \\max_i \\|dG_i\\|^2 ,
+
+    a Tikhonov term above the dtype's rounding of the Gram matrix (a term below it, as
+    1e-8 is in float32, is lost and a nearly linear ``f`` or repeated iterates make the
+    system singular). The solve reports failure instead of raising; a sample whose
+    system failed, or whose mixed point is not finite, takes the Banach step, and a mixed
+    point whose step grew is rejected by the safeguard (rate 1: the residual must not
+    grow).
+    """
 
     def __init__(self, history: int, numel_event: int) -> None:
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
+        super().__init__(1.0)
         # more differences than dimensions only makes the least-squares problem singular
         # (2-D, c = 0.9: history 5 takes 12-13 evaluations to 1e-6, history 2 takes 8)
         self.m = min(history, numel_event)
@@ -321,24 +494,31 @@ class _AndersonMixer:
         self.xs: list[Tensor] = []
         self.gs: list[Tensor] = []
 
-    def __call__(self, x: Tensor, fx: Tensor) -> Tensor:
-        self.xs.append(x.reshape(-1, self.n))
-        self.gs.append((fx - x).reshape(-1, self.n))
+    def propose(self, x: Tensor, fx: Tensor, jac: Tensor | None, accept: Tensor) -> Tensor:
+        # a rejected sample contributes its last accepted point again (a zero difference,
+        # which the regularisation absorbs) so that nothing non-finite enters the history
+        ref_x, ref_fx = self.ref_x, self.ref_fx
+        assert ref_x is not None and ref_fx is not None
+        self.xs.append(ref_x.reshape(-1, self.n))
+        self.gs.append((ref_fx - ref_x).reshape(-1, self.n))
         if len(self.xs) > self.m + 1:
             self.xs.pop(0)
             self.gs.pop(0)
         if len(self.xs) < 2:
-            return fx
-        G = torch.stack(self.gs, dim=-1)  # (B, n, k): residuals f(x_i) - x_i
-        X = torch.stack(self.xs, dim=-1)
+            return self.fall_back(fx, accept)
+        wide = _wide_dtype(x.dtype)  # a half-precision Gram matrix overflows and rounds away
+        G = torch.stack(self.gs, dim=-1).to(wide)  # (B, n, k): residuals f(x_i) - x_i
+        X = torch.stack(self.xs, dim=-1).to(wide)
         dG = G[..., 1:] - G[..., :-1]
         dX = X[..., 1:] - X[..., :-1]
         A = dG.transpose(-1, -2) @ dG
-        scale = A.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-30)
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        gamma = torch.linalg.solve(
-            A + 1e-8 * scale[..., None, None] * eye, dG.transpose(-1, -2) @ G[..., -1:]
-        )
-        x_new = (X[..., -1:] + G[..., -1:] - (dX + dG) @ gamma).squeeze(-1).reshape(x.shape)
-        # a least-squares step can misbehave far from the solution: fall back to f(x)
-        return torch.where(torch.isfinite(x_new), x_new, fx)
+        scale = A.diagonal(dim1=-2, dim2=-1).amax(-1)
+        scale = torch.where(scale > 0, scale, 1.0)  # no two entries differ: gamma = 0
+        eye = torch.eye(A.shape[-1], dtype=wide, device=A.device)
+        reg = max(1e-8, 100 * torch.finfo(wide).eps)
+        system = A + (reg * scale)[..., None, None] * eye
+        gamma, good = _guarded_solve(system, dG.transpose(-1, -2) @ G[..., -1:])
+        x_new = (X[..., -1:] + G[..., -1:] - (dX + dG) @ gamma).squeeze(-1)
+        x_new = x_new.reshape(x.shape).to(x.dtype)
+        good &= torch.isfinite(x_new).reshape(-1, self.n).all(-1)
+        return self.fall_back(_where_sample(good, x_new, ref_fx), accept)

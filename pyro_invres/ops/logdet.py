@@ -85,6 +85,15 @@ def make_vjp(x: Tensor, gx: Tensor, create_graph: bool) -> Vjp:
     return vjp
 
 
+def _wide(jac: Tensor) -> Tensor:
+    """``jac`` in at least float32 (a differentiable cast; a no-op otherwise).
+
+    torch's LU has no float16 or bfloat16 kernels, and in those types ``1 + J`` keeps
+    only 2-3 digits of ``J``: the log-determinant is formed in float32 and cast back.
+    """
+    return jac.float() if torch.finfo(jac.dtype).bits < 32 else jac
+
+
 def _event_sum(t: Tensor, event_dim: int) -> Tensor:
     return t.flatten(start_dim=t.dim() - event_dim).sum(-1) if event_dim else t
 
@@ -115,8 +124,8 @@ def logdet_exact(vjp: Vjp, x: Tensor, event_dim: int = 1) -> Tensor:
     probes = eye.reshape(d, *([1] * len(batch_shape)), *x.shape[x.dim() - event_dim :])
     probes = probes.expand(d, *x.shape)
     rows = vjp(probes).reshape(d, *batch_shape, d)  # rows[i] = e_i^T J
-    jac = rows.movedim(0, -2)
-    return torch.linalg.slogdet(jac + eye).logabsdet
+    jac = _wide(rows.movedim(0, -2))
+    return torch.linalg.slogdet(jac + eye.to(jac.dtype)).logabsdet.to(x.dtype)
 
 
 def logdet_from_jacobian(jac: Tensor) -> Tensor:
@@ -129,7 +138,8 @@ def logdet_from_jacobian(jac: Tensor) -> Tensor:
 
         \\log|1 + J_{11}|, \\qquad \\log|(1 + J_{11})(1 + J_{22}) - J_{12} J_{21}| ;
 
-    larger ``D`` uses :func:`torch.linalg.slogdet`.
+    larger ``D`` uses :func:`torch.linalg.slogdet`. float16 and bfloat16 Jacobians are
+    evaluated in float32 and the value cast back.
 
     Example:
         >>> import torch
@@ -140,14 +150,15 @@ def logdet_from_jacobian(jac: Tensor) -> Tensor:
     d = jac.shape[-1]
     if jac.dim() < 2 or jac.shape[-2] != d:
         raise ValueError(f"expected square Jacobians (..., D, D), got shape {tuple(jac.shape)}")
+    dtype, jac = jac.dtype, _wide(jac)
     if d == 1:
-        return torch.log(torch.abs(1 + jac[..., 0, 0]))
+        return torch.log(torch.abs(1 + jac[..., 0, 0])).to(dtype)
     if d == 2:
         a, b = 1 + jac[..., 0, 0], jac[..., 0, 1]
         c, e = jac[..., 1, 0], 1 + jac[..., 1, 1]
-        return torch.log(torch.abs(a * e - b * c))
+        return torch.log(torch.abs(a * e - b * c)).to(dtype)
     eye = torch.eye(d, dtype=jac.dtype, device=jac.device)
-    return torch.linalg.slogdet(jac + eye).logabsdet
+    return torch.linalg.slogdet(jac + eye).logabsdet.to(dtype)
 
 
 def sample_probes(

@@ -120,11 +120,14 @@ class InvertibleConv1x1(InvertibleModule):
     def inverse_weight(self) -> Tensor:
         """``W^{-1}`` by two triangular solves (no general matrix inverse)."""
         lower, upper = self._factors()
+        dtype = lower.dtype
+        if torch.finfo(dtype).bits < 32:  # torch has no float16/bfloat16 triangular solves
+            lower, upper = lower.float(), upper.float()
         eye = torch.eye(self.num_channels, dtype=lower.dtype, device=lower.device)
         lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         inverse = torch.linalg.solve_triangular(upper, lower_inv, upper=True)
         # (A P^T)[:, j] = A[:, perm[j]]
-        return inverse[:, self.permutation]
+        return inverse[:, self.permutation].to(dtype)
 
     def _per_channel(self, matrix: Tensor, x: Tensor) -> Tensor:
         channels_last = x.movedim(-self.event_dim, -1)

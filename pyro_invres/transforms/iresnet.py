@@ -47,7 +47,7 @@ from torch.nn.utils import parametrize
 from ..nn.conditioners import ContextBound
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
-from ..ops.fixed_point import SOLVER_METHODS, SolveInfo
+from ..ops.fixed_point import SOLVER_METHODS, SolveInfo, _check_tolerance
 from ..ops.forward_gradient import logdet_with_forward_gradient
 from ..ops.implicit import residual_inverse
 from ..ops.logdet import (
@@ -249,8 +249,8 @@ class InvertibleResidual(InvertibleModule):
         self.n_series_terms = int(n_series_terms)
         self.n_probes = int(n_probes)
         self.solver_options = {
-            "atol": atol,
-            "rtol": rtol,
+            "atol": _check_tolerance("atol", atol),
+            "rtol": _check_tolerance("rtol", rtol),
             "max_iter": int(max_iter),
             "method": solver,
             "strict": bool(strict),
