@@ -337,6 +337,8 @@ def _lock_holder(path: Path) -> tuple[str, bool]:
         return f"pid {pid} on host {host}", False  # cannot look there: assume alive
     if pid == os.getpid():
         return f"pid {pid} (this process)", False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: assume alive
+        return f"pid {pid}", False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
