@@ -10,9 +10,11 @@ a-posteriori error bound, which is what the stopping rule tests:
     \\le \\mathrm{atol} + \\mathrm{rtol}\\,\\|x_k\\| .
 
 Norms are Euclidean per sample (over the event dimensions) and every sample of the batch
-must pass. When the step falls to the floating-point noise floor the iterate cannot
-improve any further and the solve also stops (as converged if that floor meets the
-tolerance, which the defaults ensure).
+must pass; nothing else counts as converged. When a sample's step reaches the
+floating-point noise floor and stops shrinking, the iterate cannot improve any further:
+the solve stops there and, if the bound is still above the tolerance (in float32 near
+``c = 1`` the floor, amplified by ``c/(1-c)``, can exceed it), reports the bound it
+reached as a failure (``SolveInfo.stalled``).
 
 Non-convergence is never silent: a :class:`ConvergenceWarning` names the residual and
 the iteration count, or :class:`ConvergenceError` is raised with ``strict=True``.
