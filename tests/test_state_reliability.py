@@ -353,6 +353,16 @@ def test_a_worker_process_receives_the_flow_and_scores_it() -> None:
     assert torch.equal(remote, expected)
 
 
+@pytest.mark.slow
+def test_a_spawned_worker_receives_the_flow_and_scores_it() -> None:
+    """The same through a fresh interpreter (spawn): a few seconds of imports."""
+    flow, make_dist, x = _trained("residual_flow")
+    expected = _log_prob(flow, make_dist, x)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        remote = pool.apply(_worker_log_prob, (flow, x))
+    assert torch.equal(remote, expected)
+
+
 def test_a_copy_keeps_the_lipschitz_bound_after_edits() -> None:
     """The copy's bookkeeping is its own: editing its weights renormalises them."""
     flow, make_dist, x = _trained("residual_flow")

@@ -31,6 +31,11 @@ weight (averaged or edited state dicts, vectors from another run) is refreshed t
 convergence at its first use, in training mode too: trusting the flag alone let averaged
 weights reach ``Lip(g) = 11`` at ``c = 0.9``.
 
+:mod:`~torch.nn.utils.parametrize` refuses to pickle a parametrized module; a layer
+normalised here pickles all the same (``torch.save`` of a whole flow, ``pickle``,
+``copy.deepcopy``, multiprocessing): it is stored as its plain class and its
+parametrization, registered again on loading.
+
 References:
     [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
     [2] Chen et al., *Residual Flows for Invertible Generative Modeling*, NeurIPS 2019.
@@ -570,9 +575,7 @@ def _reduce_parametrized(module: nn.Module, protocol: int) -> tuple:
     for key in ("_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
         # ours are registered afresh on rebuilding (hook ids are per process)
         state[key] = type(state[key])(
-            (k, h)
-            for k, h in state[key].items()
-            if getattr(h, "func", None) not in _OWNER_HOOKS
+            (k, h) for k, h in state[key].items() if getattr(h, "func", None) not in _OWNER_HOOKS
         )
     specs = []
     for name, plist in plists.items():
