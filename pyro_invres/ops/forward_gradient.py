@@ -51,6 +51,13 @@ class _StoredGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
+        if torch.is_grad_enabled():  # create_graph: stored numbers have no derivatives
+            raise RuntimeError(
+                "a log-det with gradient='forward' has no second derivatives (its gradient "
+                "was stored as numbers in the forward pass), and a backward pass asked for "
+                "them (create_graph=True: a Hessian, a Laplace approximation); use "
+                "logdet='exact' (small dimensions) or gradient='backprop'"
+            )
         state: _State = ctx.state
         dx, *dparams = ctx.saved_tensors
         shaped = grad.reshape(grad.shape + (1,) * state.event_dim)

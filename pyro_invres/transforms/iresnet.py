@@ -116,6 +116,21 @@ class SolveStats:
         self.solves, self.iterations, self.warm_starts, self.last = 0, 0, 0, None
 
 
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """Identity on a log-det whose backward refuses to build a graph for higher derivatives."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, message: str) -> Tensor:  # noqa: ANN001
+        ctx.message = message
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        if torch.is_grad_enabled():
+            raise RuntimeError(ctx.message)
+        return grad, None
+
+
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(allowed)}")
@@ -371,7 +386,22 @@ class InvertibleResidual(InvertibleModule):
             else:
                 generator = torch.Generator(device=zc.device).manual_seed(seed)
                 value = self._estimate(zc, gz, generator, method=method, differentiable=grad)
+                if grad and method != "exact" and self.gradient != "backprop":
+                    # a Neumann gradient (the forward mode's fallback too) estimates the
+                    # gradient; it is not the derivative of a differentiable value, so its
+                    # own derivatives would be wrong (the stored forward gradient refuses
+                    # on its own)
+                    value = _FirstDerivativeOnly.apply(value, self._no_second_derivative(method))
         return value if grad else value.detach()
+
+    def _no_second_derivative(self, method: str) -> str:
+        return (
+            f"{type(self).__name__}: the {method!r} log-det with gradient={self.gradient!r} "
+            "has no second derivatives (its gradient is a Neumann-series estimate, not the "
+            "derivative of a differentiable value), and a backward pass asked for them "
+            "(create_graph=True: a Hessian, a Laplace approximation); use logdet='exact' "
+            "(small dimensions) or gradient='backprop'"
+        )
 
     def _graph_at(self, z: Tensor, jacobian: bool = True) -> _Memo:
         zc = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
