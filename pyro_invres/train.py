@@ -828,6 +828,14 @@ def fit_density(
     A non-finite loss or parameter raises :class:`NonFiniteLossError` naming the step,
     before any checkpoint of that step is written: the last good checkpoint stays.
 
+    Before the first step, every :class:`~pyro_invres.ActNorm` of the flow that is not
+    initialised yet is initialised from the data (at most 4096 evenly spaced rows, pushed
+    through the scoring side: :func:`~pyro_invres.initialize_actnorm`), so neither the
+    first batch's size nor a resumed run changes it. Data without a density are refused
+    before training with :class:`DegenerateDataError` naming the columns (no spread, or
+    linear functions of one another; nearly constant ones get a warning), and a run whose
+    loss runs away or whose ActNorm scale explodes stops with the same error.
+
     Arguments:
         flow: a flow mapping base noise to data; build residual flows with
             ``explicit="inverse"`` (:func:`build_flow` does) so scoring is explicit.
@@ -862,6 +870,7 @@ def fit_density(
 
     Raises:
         NonFiniteLossError: when a step's loss or the parameters after it are not finite.
+        DegenerateDataError: for degenerate data, before or during training.
         CheckpointError: when ``resume`` finds an unreadable or mismatched checkpoint.
 
     Example:

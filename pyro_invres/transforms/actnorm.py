@@ -104,6 +104,8 @@ class ActNorm(InvertibleModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # a checkpoint saved before the flag was set (a guide trained on batches of one by
         # an older version) still carries trained values: they must never be overwritten
+        if any(t.is_meta for t in (self.initialized, self.log_scale, self.bias)):
+            return  # no values to look at yet (a module built on the meta device)
         if not bool(self.initialized) and self._moved_from_init():
             self.initialized.fill_(True)
 
