@@ -60,17 +60,41 @@ _THIRD_ORDER = (
 )
 
 
-def _refuse_functorch(what: str) -> None:
-    """Raise a clear error inside a :mod:`torch.func` transform (vmap, grad, jacrev, ...)."""
+def _functorch_active() -> bool:
+    """Whether a :mod:`torch.func` transform (vmap, grad, jacrev, ...) is running."""
     level = getattr(torch._C._functorch, "maybe_current_level", None)
-    if level is None or level() is None:
+    return level is not None and level() is not None
+
+
+def _functorch_data(x: Tensor) -> Tensor:
+    """The plain tensor under any :mod:`torch.func` wrappers (all of a vmapped batch).
+
+    A data-dependent test (``bool(...)``) on a batched tensor fails inside ``vmap``; on
+    the unwrapped data it checks every sample at once.
+    """
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    while wrapped is not None and wrapped(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x
+
+
+def _refuse_functorch(what: str, grad: Tensor | None = None) -> None:
+    """Raise a clear error inside a :mod:`torch.func` transform (vmap, grad, jacrev, ...).
+
+    ``grad``: an incoming gradient, batched when autograd vectorises a backward pass
+    (``is_grads_batched``, ``torch.autograd.functional.jacobian(vectorize=True)``).
+    """
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    batched = grad is not None and legacy is not None and bool(legacy(grad))
+    if not (batched or _functorch_active()):
         return
     raise RuntimeError(
-        f"{what}: torch.func transforms (vmap, grad, jacrev, jacfwd, hessian) cannot run an "
-        "iterative inverse, which stops on data-dependent convergence tests and is "
-        "differentiated through a custom adjoint. Use torch.autograd.functional.jacobian or "
-        "torch.autograd.functional.hessian (vectorize=False), or build the block with the "
-        "other explicit= direction so that this side is the explicit one."
+        f"{what}: torch.func transforms (vmap, grad, jacrev, jacfwd, hessian) and vectorised "
+        "backward passes cannot run an iterative inverse, which stops on data-dependent "
+        "convergence tests and is differentiated through a custom adjoint. Use "
+        "torch.autograd.functional.jacobian or torch.autograd.functional.hessian with "
+        "vectorize=False, or build the block with the other explicit= direction so that "
+        "this side is the explicit one."
     )
 
 
@@ -252,7 +276,7 @@ class _AdjointMap(torch.autograd.Function):
         lin: _Linearisation = ctx.lin
         if torch.is_grad_enabled():
             raise RuntimeError(f"{lin.what}: {_THIRD_ORDER}")
-        _refuse_functorch(f"{lin.what} (second derivative)")
+        _refuse_functorch(f"{lin.what} (second derivative)", w)
         (x,) = ctx.saved_tensors
         return None, None, None, lin.solve(x, w)
 
@@ -282,7 +306,7 @@ class _Solution(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v: Tensor) -> tuple:  # noqa: ANN001
         lin: _Linearisation = ctx.lin
-        _refuse_functorch(f"{lin.what} (backward)")
+        _refuse_functorch(f"{lin.what} (backward)", v)
         x, *declared = ctx.saved_tensors
         want_y, want_g = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         if not torch.is_grad_enabled():

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from ..nn.conditioners import ContextBound
+from ..ops.implicit import _functorch_data
 
 __all__ = ["InvertibleModule", "as_event_shape"]
 
@@ -328,8 +329,9 @@ class InvertibleModule(TransformModule):
                 f"{type(self).__name__}: {name} is on {x.device} but the parameters are "
                 f"on {anything.device}; move the flow with .to(device)"
             )
-        # a device sync, so only while the user has asked Pyro to validate
-        if pdist.is_validation_enabled() and not bool(torch.isfinite(x).all()):
+        # a device sync, so only while the user has asked Pyro to validate; inside
+        # torch.func transforms (vmap) it reads the unwrapped data, all samples at once
+        if pdist.is_validation_enabled() and not bool(torch.isfinite(_functorch_data(x)).all()):
             raise ValueError(f"{type(self).__name__}: {name} has non-finite values (nan or inf)")
 
     # -- the cache ------------------------------------------------------------------------

@@ -17,8 +17,11 @@ Which side of Pyro's transform is explicit is a choice, and both are first class
   ``-log det(I + J_g(y))``, evaluated at ``y``.
 
 Gradients through the iterative side are exact, by implicit differentiation
-(:func:`~pyro_invres.ops.residual_inverse`); the log-det is differentiable in the
-parameters and in the input.
+(:func:`~pyro_invres.ops.residual_inverse`), second derivatives included (Hessians,
+Laplace approximations); the log-det is differentiable in the parameters and in the input.
+Third derivatives, the second derivatives of a Neumann-gradient log-det, and
+:mod:`torch.func` transforms of the iterative side (``vmap``, ``jacrev``) raise a clear
+error instead (``torch.autograd.functional.jacobian`` works there).
 
 Log-det estimators (``logdet=``): ``"exact"`` (the full Jacobian, from ``D``
 vector-Jacobian products or carried forward by a network that offers
@@ -49,7 +52,12 @@ from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from ..ops.fixed_point import SOLVER_METHODS, SolveInfo, _check_tolerance
 from ..ops.forward_gradient import logdet_with_forward_gradient
-from ..ops.implicit import residual_inverse
+from ..ops.implicit import (
+    _functorch_active,
+    _functorch_data,
+    _refuse_functorch,
+    residual_inverse,
+)
 from ..ops.logdet import (
     PROBES,
     ROULETTE_DISTRIBUTIONS,
@@ -315,6 +323,8 @@ class InvertibleResidual(InvertibleModule):
         w_old, z_old = (y_old, x_old) if self.explicit == "forward" else (x_old, y_old)
         if not isinstance(z_old, Tensor) or not isinstance(w_old, Tensor):
             return None
+        if _functorch_data(z_old) is not z_old or _functorch_data(w_old) is not w_old:
+            return None  # a pair cached inside a torch.func transform: dead wrappers
         if w_old.shape != w.shape or w_old.dtype != w.dtype or w_old.device != w.device:
             return None
         with torch.no_grad():
@@ -329,6 +339,8 @@ class InvertibleResidual(InvertibleModule):
             return torch.where(mask, candidate, w)
 
     def _iterative(self, w: Tensor) -> Tensor:
+        what = f"{type(self).__name__} iterative {self._iterative_side}"
+        _refuse_functorch(what)  # before the warm start's data-dependent tests
         z, info = residual_inverse(
             self.nn,
             w,
@@ -336,7 +348,7 @@ class InvertibleResidual(InvertibleModule):
             solve_context=parametrize.cached,
             event_dim=self.event_dim,
             contraction=self.lipschitz,
-            what=f"{type(self).__name__} iterative {self._iterative_side}",
+            what=what,
             jacobian=self.nn.forward_with_jacobian if self.solver == "newton" else None,
             **self.solver_options,
         )
@@ -365,12 +377,14 @@ class InvertibleResidual(InvertibleModule):
         """``log det(I + J_g(z))`` with this block's estimator, shaped like the batch."""
         grad = torch.is_grad_enabled()
         method = self.logdet_method
-        # one seed per estimate, so a recomputation can replay the same probes and draw
-        seed = int(torch.randint(0, 2**62, ())) if method != "exact" else 0
         with torch.enable_grad():
             if memo is None:
                 memo = self._graph_at(z)
             zc, gz, jac = memo
+            if (jac is None or method != "exact") and not zc.requires_grad:
+                self._refuse_vjp_under_vmap(method)
+            # one seed per estimate, so a recomputation can replay the same probes and draw
+            seed = int(torch.randint(0, 2**62, ())) if method != "exact" else 0
             if jac is not None and method == "exact":
                 value = logdet_from_jacobian(jac)
             elif grad and method != "exact" and self.gradient == "forward" and self._may_store():
@@ -394,6 +408,15 @@ class InvertibleResidual(InvertibleModule):
                     value = _FirstDerivativeOnly.apply(value, self._no_second_derivative(method))
         return value if grad else value.detach()
 
+    def _refuse_vjp_under_vmap(self, method: str) -> None:
+        if _functorch_active():
+            raise RuntimeError(
+                f"{type(self).__name__}: under torch.func.vmap the {method!r} log-det needs "
+                "autograd inside the transform, which torch.func refuses; use logdet='exact' "
+                "on a vector event with a branch that carries its Jacobian (LipschitzMLP), "
+                "call the block on the whole batch, or torch.autograd.functional.jacobian"
+            )
+
     def _no_second_derivative(self, method: str) -> str:
         return (
             f"{type(self).__name__}: the {method!r} log-det with gradient={self.gradient!r} "
@@ -404,7 +427,14 @@ class InvertibleResidual(InvertibleModule):
         )
 
     def _graph_at(self, z: Tensor, jacobian: bool = True) -> _Memo:
-        zc = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
+        if z.requires_grad:
+            zc = z.clone()
+        elif _functorch_active():
+            # torch.func refuses requires_grad_ inside its transforms (vmap): no graph
+            # here, so only a carried Jacobian can give the log-det (residual_logdet)
+            zc = z
+        else:
+            zc = z.detach().requires_grad_(True)
         if jacobian and self._carries_jacobian():
             # the exact log-det from a Jacobian carried forward: training then needs one
             # plain backward instead of a double backward through D vector-Jacobian
