@@ -433,3 +433,26 @@ def test_conditional_networks_check_the_context_when_called_directly() -> None:
         for context in (torch.tensor(1.0), torch.zeros(4, 2)):
             with pytest.raises(ValueError, match=r"context_dim=3"):
                 net(x, context=context)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_entries_swapped_through_p_data_are_renormalised(mode: str) -> None:
+    """A write through ``p.data`` that keeps the sum, the norm and every strided sum of the
+    weight (two entries swapped) still changes its operator norm: the layer must notice."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 6, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(10.0)  # the normalisation binds
+    from pyro_invres.nn import spectral_norm
+
+    spectral_norm(layer, lipschitz=0.5)
+    getattr(layer, mode)()
+    raw = layer.parametrizations.weight.original
+    layer.weight  # refresh for the first weight  # noqa: B018
+    flat = raw.data.view(-1)
+    # the largest entry moves to a position of the same residue mod 3: sums are kept
+    big = int(flat.abs().argmax())
+    other = (big + 3) % flat.numel()
+    flat[[big, other]] = flat[[other, big]]
+    norm = float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2))
+    assert norm <= 0.5 * (1 + 1e-4), norm

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..ops.digest import value_digest
+
 __all__ = [
     "SpectralNormScale",
     "ConvSpectralNormScale",
@@ -63,6 +66,9 @@ __all__ = [
     "default_power_tolerance",
     "operator_norm",
 ]
+
+# refreshes are rare (only after a weight changed): one lock for all layers is enough
+_REFRESH_LOCK = threading.RLock()
 
 
 def default_power_tolerance(dtype: torch.dtype) -> float:
@@ -233,7 +239,7 @@ class SpectralNormScale(nn.Module):
         # taken from another run) gets a full refresh instead (NaN: no weight known).
         self.register_buffer("weight_digest", torch.full((4,), math.nan, dtype=torch.float64))
         self._seen: tuple | None = None
-        self._weight_seen: Tensor | None = None
+        self._weight_seen: tuple[object, ...] | None = None
         self._converged = False
         self._full_refresh = False  # set by a load the buffers cannot vouch for
 
@@ -366,20 +372,23 @@ class SpectralNormScale(nn.Module):
         return torch.dot(self.u, self._matvec(weight, self.v))
 
     @staticmethod
-    @torch.no_grad()
-    def _value_digest(weight: Tensor) -> Tensor:
-        # A few reductions that any optimizer step changes (a copy of the weight would
-        # cost as much memory as the weight itself): the sum, the norm, and a strided sum.
-        # They are recomputed by the same kernels, so an unchanged weight matches exactly.
-        flat = weight.detach().reshape(-1)
-        return torch.stack([flat.sum(), torch.linalg.vector_norm(flat), flat[1::3].sum()])
+    def _value_digest(weight: Tensor) -> tuple[object, ...]:
+        # order-sensitive: a permutation of entries through ``p.data`` keeps the sum and
+        # the norm but can change the operator norm
+        return value_digest([weight.detach()])
 
     def _changed(self, weight: Tensor) -> bool:
         if self._fingerprint(weight) != self._seen or self._weight_seen is None:
             return True
         # writes through ``p.data`` (Pyro's ClippedAdam) leave the version counter alone:
         # compare the values too
-        return not torch.equal(self._value_digest(weight), self._weight_seen)
+        if torch.jit.is_tracing():
+            # a trace cannot read values; nothing writes the weights while it runs
+            return False
+        return self._value_digest(weight) != self._weight_seen
+
+    def _needs_refresh(self, weight: Tensor) -> bool:
+        return self._changed(weight) or (not self.training and not self._converged)
 
     def _mark_seen(self, weight: Tensor) -> None:
         self._seen = self._fingerprint(weight)
@@ -397,16 +406,21 @@ class SpectralNormScale(nn.Module):
             )
         # Evaluation tops up, once, a training-mode refresh that stopped at its cap; after
         # that the layer is fixed until the weight changes, converged or not.
-        if self._changed(weight) or (not self.training and not self._converged):
-            # after a load the buffers could not vouch for, refresh to convergence in
-            # every mode: a capped training refresh from vectors of another weight may
-            # stop short of the norm
-            cap = self.max_eval_iterations if self._full_refresh else None
-            converged = self.refresh(weight, cap)
-            self._full_refresh = False
-            self._converged = converged or not self.training
-            self._mark_seen(weight)
-            self.fresh.fill_(True)
+        if self._needs_refresh(weight):
+            # two threads may meet a changed weight at once: one refreshes the vectors in
+            # place, the other waits and then finds them fresh (a half-written u or v
+            # would give a wrong sigma and a broken bound)
+            with _REFRESH_LOCK:
+                if self._needs_refresh(weight):
+                    # after a load the buffers could not vouch for, refresh to convergence
+                    # in every mode: a capped training refresh from vectors of another
+                    # weight may stop short of the norm
+                    cap = self.max_eval_iterations if self._full_refresh else None
+                    converged = self.refresh(weight, cap)
+                    self._full_refresh = False
+                    self._converged = converged or not self.training
+                    self._mark_seen(weight)
+                    self.fresh.fill_(True)
         scale = torch.clamp(self.sigma(weight) / self.lipschitz, min=1.0)
         return weight / scale
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from ..nn.conditioners import ContextBound
+from ..ops.digest import value_digest
 from ..ops.implicit import _functorch_data
 
 __all__ = ["InvertibleModule", "as_event_shape"]
@@ -104,67 +105,6 @@ def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         if None in stack:  # a submodule slot registered as None
             stack = [c for c in stack if c is not None]
     return [t for t in state if t is not None], contexts
-
-
-_DIGEST_WEIGHTS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_TRACING = (-1, "traced")  # the digest while torch.jit.trace runs
-
-
-def _position_weights(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``n`` fixed pseudo-random odd integer weights, the same for a position whatever ``n``."""
-    weights = _DIGEST_WEIGHTS.get((device, dtype))
-    if weights is None or weights.numel() < n:
-        size = max(n, 1024, 0 if weights is None else 2 * weights.numel())
-        # splitmix64's finaliser of the position (int64 arithmetic wraps), truncated to
-        # the width of the values; ``| 1`` makes every weight odd
-        z = torch.arange(1, size + 1, dtype=torch.int64, device=device) * -7046029254386353131
-        z = (z ^ (z >> 30)) * -4658895280553007687
-        z = (z ^ (z >> 27)) * -7723592293110705685
-        weights = ((z ^ (z >> 31)) | 1).to(dtype)
-        _DIGEST_WEIGHTS[(device, dtype)] = weights  # a race only recomputes the same values
-    return weights[:n]
-
-
-def _digest(tensors: list[Tensor]) -> tuple[object, ...]:
-    """An order-sensitive digest of the floating tensors' values (one int per dtype).
-
-    The bits of the values, read as integers of their width, dotted with fixed odd
-    pseudo-random weights, with wrap-around: a change of any single entry always
-    changes it (an odd weight times a non-zero difference is never 0 mod 2^bits), and a
-    permutation of values (which keeps the norm and the sum) changes it but with
-    probability about 2^-bits. Writes through ``p.data`` (Pyro's ``ClippedAdam``) leave
-    the version counters alone, so the values themselves must be compared: one pass over
-    them, in a few kernels whatever the number of tensors.
-    """
-    if torch.jit.is_tracing():
-        # a trace would record these ops (and cannot record a dtype view); nothing writes
-        # the weights while a trace runs, and a pair stored outside a trace never matches
-        # this marker, nor one stored inside it a real digest
-        return _TRACING
-    floating = [t for t in tensors if t.is_floating_point()]
-    if not floating:
-        return ()
-    first = floating[0]
-    if all(t.dtype == first.dtype and t.device == first.device for t in floating):
-        groups = [floating]
-    else:
-        by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in floating:
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
-        groups = list(by_kind.values())
-    sums = []
-    with torch.no_grad():
-        for group in groups:
-            # one C++ call flattens and concatenates the whole group
-            values = torch._utils._flatten_dense_tensors(group)
-            bits = values.view(_INT_OF_WIDTH[values.element_size()])
-            weights = _position_weights(bits.numel(), bits.device, bits.dtype)
-            if bits.device.type == "cpu":
-                sums.append(int(torch.dot(bits, weights)))
-            else:  # integer dot products are CPU-only; the wrapped products still sum
-                sums.append(int((bits * weights).sum()))
-    return tuple(sums)
 
 
 class _Slot:
@@ -398,7 +338,7 @@ class InvertibleModule(TransformModule):
         if self._state_key() != slot.key:
             return False
         # the values too: writes through ``p.data`` keep the versions
-        return _digest(slot.state) == slot.digest
+        return value_digest(slot.state) == slot.digest
 
     def _store(self, slot: _Slot, x: Tensor, y: Tensor) -> None:
         pending, slot.pending = slot.pending, None
@@ -406,7 +346,7 @@ class InvertibleModule(TransformModule):
         slot.versions = _version(x), _version(y)
         slot.state, slot.contexts = _dependencies(self)
         slot.key = self._state_key()
-        slot.digest = _digest(slot.state)
+        slot.digest = value_digest(slot.state)
         # only what this very call remembered may become the memo of its pair
         slot.memo = pending
 
