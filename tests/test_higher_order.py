@@ -255,3 +255,26 @@ def test_laplace_approximation_with_an_iresnet_prior():
     # the prior's curvature is in it: the likelihood alone gives noise^2 / n * I
     likelihood_only = noise**2 / len(data) * torch.eye(2, dtype=torch.float64)
     assert (covariance - likelihood_only).abs().max() > 1e-2
+
+
+def test_a_singular_newton_adjoint_is_an_error_not_a_nan_gradient():
+    """``I + J_g`` cannot be singular while ``Lip(g) < 1``; if a Jacobian says it is (the
+    bound was broken), the gradient raises instead of coming back NaN or inf."""
+    y = torch.tensor([[0.3, -0.2]], dtype=torch.float64, requires_grad=True)
+
+    def g(x):
+        return 0.5 * torch.sin(x)
+
+    def lying_jacobian(x):  # J = -I: I + J is exactly singular
+        eye = torch.eye(2, dtype=x.dtype).expand(*x.shape[:-1], 2, 2)
+        return g(x), -eye
+
+    def newton_g_jacobian(x):
+        return g(x), torch.diag_embed(0.5 * torch.cos(x))
+
+    x, _ = residual_inverse(g, y, contraction=0.5, method="newton", jacobian=newton_g_jacobian)
+    (grad,) = torch.autograd.grad(x.sum(), y)
+    assert torch.isfinite(grad).all()
+    x, _ = residual_inverse(g, y, contraction=0.5, method="newton", jacobian=lying_jacobian)
+    with pytest.raises(FloatingPointError, match="singular"):
+        torch.autograd.grad(x.sum(), y)

@@ -60,6 +60,22 @@ _THIRD_ORDER = (
 )
 
 
+def _dense_solve(m: Tensor, v: Tensor) -> Tensor:
+    """``m^{-1} v`` per sample; a singular ``m = I + J_g`` is an error, never a NaN gradient.
+
+    ``I + J_g`` has singular values in ``[1 - c, 1 + c]`` while ``Lip(g) <= c < 1``, so a
+    failed factorisation means the bound itself was broken (weights written by hand).
+    """
+    out, info = torch.linalg.solve_ex(m, v.unsqueeze(-1).to(m.dtype))
+    if bool((info != 0).any()) or not bool(torch.isfinite(out).all()):
+        raise FloatingPointError(
+            "gradient of the iterative inverse: I + J_g is singular or the solve overflowed "
+            f"for {int((info != 0).sum())} sample(s), so Lip(g) < 1 does not hold there; "
+            "check the block's Lipschitz coefficient and any weights set by hand"
+        )
+    return out.squeeze(-1).to(v.dtype)
+
+
 def _functorch_active() -> bool:
     """Whether a :mod:`torch.func` transform (vmap, grad, jacrev, ...) is running."""
     level = getattr(torch._C._functorch, "maybe_current_level", None)
@@ -168,7 +184,7 @@ class _Linearisation:
         """``a`` with ``(I + J_g(x))^T a = v``, without a graph."""
         if self.jacobian is not None:
             m = self._dense(x).transpose(-1, -2)
-            return torch.linalg.solve(m, v.unsqueeze(-1).to(m.dtype)).squeeze(-1).to(v.dtype)
+            return _dense_solve(m, v)
         with torch.enable_grad():
             xs = x.detach().requires_grad_(True)
             gs = self.g(xs)
@@ -184,7 +200,7 @@ class _Linearisation:
         """``b`` with ``(I + J_g(x)) b = w``, without a graph (the adjoint's own adjoint)."""
         if self.jacobian is not None:
             m = self._dense(x)
-            return torch.linalg.solve(m, w.unsqueeze(-1).to(m.dtype)).squeeze(-1).to(w.dtype)
+            return _dense_solve(m, w)
         with torch.enable_grad():
             xs = x.detach().requires_grad_(True)
             gs = self.g(xs)
