@@ -112,7 +112,7 @@ class CommandError(Exception):
 
 
 def flow_options(flow: str = DEFAULTS["flow"], **overrides: Any) -> dict[str, Any]:
-    """The :func:`~pyro_invres.train.build_flow` options ``pyro-invres fit`` uses.
+    """The :func:`~pyro_invres.flows.build_flow` options ``pyro-invres fit`` uses.
 
     Arguments:
         flow: the flow's name.
@@ -149,7 +149,7 @@ def flow_options(flow: str = DEFAULTS["flow"], **overrides: Any) -> dict[str, An
 # -- argument parsing ----------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     from .datasets import TOY_DATASETS
-    from .train import FLOWS
+    from .flows import FLOWS
 
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -296,7 +296,7 @@ def _device(name: str) -> torch.device:
 
 def _write(path: Path, write: Callable[[Any], object]) -> None:
     """Write ``path`` atomically; a failure names the file and leaves no partial file."""
-    from .train import atomic_write
+    from .checkpoint import atomic_write
 
     try:
         atomic_write(path, write)
@@ -468,7 +468,7 @@ def _limit(data: Tensor) -> float:
 
 
 def _sample(flow: torch.nn.Module, n: int, device: torch.device) -> Tensor:
-    from .train import make_density
+    from .evaluation import make_density
 
     dim = int(flow.flow_config["input_dim"]) if hasattr(flow, "flow_config") else 2
     density = make_density(flow, (dim,), device)
@@ -481,7 +481,7 @@ def _sample(flow: torch.nn.Module, n: int, device: torch.device) -> Tensor:
 def _log_density_grid(
     flow: torch.nn.Module, lim: float, device: torch.device, size: int = 200
 ) -> Tensor:
-    from .train import make_density
+    from .evaluation import make_density
 
     axis = torch.linspace(-lim, lim, size, device=device)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(-1, 2)
@@ -536,7 +536,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _fit_with_threads(args: argparse.Namespace) -> int:
-    from .train import FLOWS
+    from .flows import FLOWS
 
     started = time.perf_counter()
     # every argument is checked before anything touches the disk
@@ -581,8 +581,11 @@ def _fit_run(
 ) -> int:
     import pyro
 
+    from .checkpoint import load_checkpoint
     from .datasets import sample_toy
-    from .train import build_flow, fit_density, inverse_iterations, load_checkpoint
+    from .evaluation import inverse_iterations
+    from .flows import build_flow
+    from .train import fit_density
 
     checkpoint = out / "checkpoint.pt"
     metadata = {"dataset": dataset, "seed": args.seed, "n_train": args.n_train}
@@ -759,7 +762,7 @@ def _save_samples(path: Path, samples: Tensor) -> None:
 
 
 def _sample_cmd(args: argparse.Namespace) -> int:
-    from .train import load_checkpoint, load_flow
+    from .checkpoint import load_checkpoint, load_flow
 
     _positive("n", args.n)
     device = _device(args.device)
@@ -774,8 +777,9 @@ def _sample_cmd(args: argparse.Namespace) -> int:
 
 
 def _evaluate_cmd(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, load_flow
     from .datasets import sample_toy
-    from .train import evaluate_nll, load_checkpoint, load_flow
+    from .evaluation import evaluate_nll
 
     _positive("n", args.n)
     device = _device(args.device)
@@ -814,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["evaluate", "--checkpoint", "/no/such/checkpoint.pt"])
         1
     """
-    from .train import CheckpointError
+    from .checkpoint import CheckpointError
 
     args = _parser().parse_args(argv)
     expected = (CommandError, CheckpointError, ValueError, OSError, ImportError)

@@ -15,7 +15,9 @@ RealNVP's multi-scale density; every dimension stays in the one tensor that Pyro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 
@@ -28,7 +30,7 @@ from .transforms.iresnet import iresnet
 from .transforms.revnet import revnet_block
 from .transforms.subset import ChannelSubset
 
-__all__ = ["base_shape", "glow", "irevnet", "residual_flow"]
+__all__ = ["FLOWS", "base_shape", "build_flow", "glow", "irevnet", "residual_flow"]
 
 Step = Callable[[tuple[int, int, int]], list[TransformModule]]
 
@@ -236,3 +238,134 @@ def residual_flow(
         if actnorm:
             parts.append(ActNorm(input_dim))
     return ComposeTransformModule(parts)
+
+
+# -- flows by name -------------------------------------------------------------------------------
+#: Names accepted by :func:`build_flow`.
+FLOWS: tuple[str, ...] = ("iresnet", "revnet", "additive", "affine", "pyro-affine")
+
+
+def _iresnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    cfg.setdefault("explicit", "inverse")
+    cfg.setdefault("num_blocks", 4)
+    return residual_flow(input_dim, **cfg)
+
+
+def _pyro_affine_flow(
+    input_dim: int, num_blocks: int = 4, hidden_dims: Sequence[int] | None = None
+) -> TransformModule:
+    from pyro.distributions.transforms import Permute, affine_coupling
+
+    if input_dim < 2:
+        raise ValueError(f"pyro-affine coupling needs input_dim >= 2, got {input_dim}")
+    hidden = [max(64, 10 * input_dim)] * 2 if hidden_dims is None else list(hidden_dims)
+    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
+    parts: list[Any] = []
+    for _ in range(int(num_blocks)):
+        parts += [affine_coupling(input_dim, hidden_dims=hidden), Permute(reverse)]
+    return ComposeTransformModule(parts[:-1])
+
+
+def _optional_factory(module: str, name: str, flow: str) -> Any:
+    """``pyro_invres.<module>.<name>``, imported on first use, or a clear error."""
+    import importlib
+
+    try:
+        factory = getattr(importlib.import_module(f"pyro_invres.{module}"), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"flow {flow!r} needs pyro_invres.{module}.{name}, which this installation lacks "
+            f"({err}); choose another of {', '.join(FLOWS)}"
+        ) from err
+    return factory
+
+
+def _stack(
+    factory: Any,
+    input_dim: int,
+    num_blocks: int = 4,
+    permute: bool = True,
+    **options: Any,
+) -> TransformModule:
+    """``num_blocks`` blocks with ActNorm after each and, if ``permute``, a reversal between."""
+    if int(num_blocks) < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if input_dim < 2:
+        raise ValueError(f"coupling blocks need input_dim >= 2, got {input_dim}")
+    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
+    parts: list[Any] = []
+    for k in range(int(num_blocks)):
+        if permute and k > 0:
+            parts.append(dist.transforms.Permute(reverse))
+        parts += [factory(input_dim, **options), ActNorm(input_dim)]
+    return ComposeTransformModule(parts)
+
+
+def _revnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    factory = _optional_factory("transforms.revnet", "revnet_block", "revnet")
+    return _stack(factory, input_dim, permute=False, **cfg)
+
+
+def _additive_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    factory = _optional_factory("transforms.coupling", "additive_coupling", "additive")
+    return _stack(factory, input_dim, **cfg)
+
+
+def _affine_flow(input_dim: int, **cfg: Any) -> TransformModule:
+    factory = _optional_factory("transforms.coupling", "affine_coupling", "affine")
+    return _stack(factory, input_dim, **cfg)
+
+
+_BUILDERS = {
+    "iresnet": _iresnet_flow,
+    "revnet": _revnet_flow,
+    "additive": _additive_flow,
+    "affine": _affine_flow,
+    "pyro-affine": _pyro_affine_flow,
+}
+
+
+def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
+    """Build a flow for density estimation on ``R^input_dim`` from its name and options.
+
+    The flow remembers how it was built in ``flow.flow_config`` (plain types only), which
+    :func:`~pyro_invres.train.fit_density` stores in checkpoints and
+    :func:`~pyro_invres.checkpoint.load_flow` uses to rebuild it.
+
+    =============== ==================================================================
+    ``iresnet``     :func:`~pyro_invres.residual_flow` with ``explicit="inverse"``
+                    (scoring data is explicit; options ``num_blocks``, ``hidden_dims``,
+                    ``activation``, ``lipschitz``, ``logdet``, ...)
+    ``revnet``      :func:`~pyro_invres.transforms.revnet.revnet_block` stack
+                    (options ``num_blocks``, ``hidden_dims``, ``affine``, ``activation``)
+    ``additive``    :func:`~pyro_invres.transforms.coupling.additive_coupling` stack,
+                    halves swapped between blocks
+    ``affine``      :func:`~pyro_invres.transforms.coupling.affine_coupling` stack
+    ``pyro-affine`` Pyro's own ``affine_coupling`` blocks with reversing permutations,
+                    for comparison
+    =============== ==================================================================
+
+    Every stack but ``pyro-affine`` puts an :class:`~pyro_invres.ActNorm` after each block.
+
+    Arguments:
+        name: one of :data:`FLOWS`.
+        input_dim: the dimension ``D`` of the data.
+        **cfg: options of the named flow (ints, floats, strings and lists of them).
+
+    Raises:
+        ValueError: for an unknown name, or a flow whose module is not installed.
+
+    Example:
+        >>> flow = build_flow("iresnet", 2, num_blocks=2, hidden_dims=[16])
+        >>> flow.flow_config
+        {'name': 'iresnet', 'input_dim': 2, 'num_blocks': 2, 'hidden_dims': [16]}
+    """
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown flow {name!r}; choose from {', '.join(FLOWS)}")
+    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    flow = builder(input_dim, **dict(config))
+    flow.flow_config = {"name": name, "input_dim": input_dim, **config}
+    return flow

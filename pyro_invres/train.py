@@ -17,84 +17,63 @@ With no latent variables the ELBO *is* the log-likelihood, so each step maximise
 
 (the model is scaled by ``1/N``: losses read directly as nats per sample).
 
-For residual flows, build the flow with ``explicit="inverse"`` (as :func:`build_flow`
-does) so that scoring data is one explicit pass per block and only sampling iterates.
+For residual flows, build the flow with ``explicit="inverse"`` (as
+:func:`~pyro_invres.flows.build_flow` does) so that scoring data is one explicit pass per
+block and only sampling iterates.
 
-Checkpoints are written atomically (a temporary file in the same directory, ``fsync``,
-``os.replace``): a crash or a full disk mid-write never leaves a half-written file where
-the last good checkpoint was, and a non-finite loss stops training *before* anything is
-written. They hold the flow's ``state_dict``, the optimiser state
-(``svi.optim.get_state()``), the step, the RNG states and the config that rebuilds the
-flow, and they load with ``torch.load(..., weights_only=True)``.
+A non-finite loss stops training *before* anything is written. Checkpoints hold the
+flow's ``state_dict``, the optimiser state (``svi.optim.get_state()``), the step, the RNG
+states and the config that rebuilds the flow; :mod:`pyro_invres.checkpoint` writes them
+atomically, reads them safely and rebuilds the flow. This module only trains: flows by
+name live in :mod:`pyro_invres.flows`, scoring in :mod:`pyro_invres.evaluation`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import os
-import random
 import re
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from pyro.distributions.torch_transform import TransformModule
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor
 
+# The `X as X` imports are re-exports: these names lived here before the registry,
+# checkpoints and evaluation got modules of their own, and code still imports them here.
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    _rng_state,
+    _set_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .checkpoint import MAX_CONFIG_INT as MAX_CONFIG_INT
+from .checkpoint import atomic_write as atomic_write
+from .checkpoint import load_flow as load_flow
+from .evaluation import evaluate_nll, inverse_iterations, make_density
+from .flows import FLOWS as FLOWS
+from .flows import build_flow as build_flow
 from .optim import JointOptim, joint_adam
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "FLOWS",
-    "CheckpointError",
     "DegenerateDataError",
     "FitResult",
     "NonFiniteLossError",
-    "atomic_write",
-    "build_flow",
-    "evaluate_nll",
     "fit_density",
-    "inverse_iterations",
-    "load_checkpoint",
-    "load_flow",
-    "make_density",
-    "save_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = "pyro_invres.checkpoint/1"
-
-#: Names accepted by :func:`build_flow`.
-FLOWS: tuple[str, ...] = ("iresnet", "revnet", "additive", "affine", "pyro-affine")
-
 _NON_FINITE = re.compile(r"non-finite|\b(nan|inf)\b", re.IGNORECASE)
-_REQUIRED_KEYS = ("format", "step", "flow_state", "optim_state", "rng", "config")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupted, or does not fit the flow.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     path = save_checkpoint(pathlib.Path(tmp) / "c.pt", {"x": torch.ones(2)})
-        ...     _ = path.write_bytes(path.read_bytes()[:100])   # a copy cut short
-        ...     load_checkpoint(path)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        pyro_invres.train.CheckpointError: cannot read checkpoint ...: truncated or corrupted ...
-    """
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -150,574 +129,6 @@ class DegenerateDataError(ValueError):
         self.columns = list(columns)
         self.step = step
         super().__init__(message)
-
-
-# -- flows by name ------------------------------------------------------------------------------
-def _iresnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
-    from .flows import residual_flow
-
-    cfg.setdefault("explicit", "inverse")
-    cfg.setdefault("num_blocks", 4)
-    return residual_flow(input_dim, **cfg)
-
-
-def _pyro_affine_flow(
-    input_dim: int, num_blocks: int = 4, hidden_dims: Sequence[int] | None = None
-) -> TransformModule:
-    from pyro.distributions.transforms import Permute, affine_coupling
-
-    if input_dim < 2:
-        raise ValueError(f"pyro-affine coupling needs input_dim >= 2, got {input_dim}")
-    hidden = [max(64, 10 * input_dim)] * 2 if hidden_dims is None else list(hidden_dims)
-    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
-    parts: list[Any] = []
-    for _ in range(int(num_blocks)):
-        parts += [affine_coupling(input_dim, hidden_dims=hidden), Permute(reverse)]
-    return ComposeTransformModule(parts[:-1])
-
-
-def _optional_factory(module: str, name: str, flow: str) -> Any:
-    """``pyro_invres.<module>.<name>``, imported on first use, or a clear error."""
-    import importlib
-
-    try:
-        factory = getattr(importlib.import_module(f"pyro_invres.{module}"), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"flow {flow!r} needs pyro_invres.{module}.{name}, which this installation lacks "
-            f"({err}); choose another of {', '.join(FLOWS)}"
-        ) from err
-    return factory
-
-
-def _stack(
-    factory: Any,
-    input_dim: int,
-    num_blocks: int = 4,
-    permute: bool = True,
-    **options: Any,
-) -> TransformModule:
-    """``num_blocks`` blocks with ActNorm after each and, if ``permute``, a reversal between."""
-    from .transforms.actnorm import ActNorm
-
-    if int(num_blocks) < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-    if input_dim < 2:
-        raise ValueError(f"coupling blocks need input_dim >= 2, got {input_dim}")
-    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
-    parts: list[Any] = []
-    for k in range(int(num_blocks)):
-        if permute and k > 0:
-            parts.append(dist.transforms.Permute(reverse))
-        parts += [factory(input_dim, **options), ActNorm(input_dim)]
-    return ComposeTransformModule(parts)
-
-
-def _revnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
-    factory = _optional_factory("transforms.revnet", "revnet_block", "revnet")
-    return _stack(factory, input_dim, permute=False, **cfg)
-
-
-def _additive_flow(input_dim: int, **cfg: Any) -> TransformModule:
-    factory = _optional_factory("transforms.coupling", "additive_coupling", "additive")
-    return _stack(factory, input_dim, **cfg)
-
-
-def _affine_flow(input_dim: int, **cfg: Any) -> TransformModule:
-    factory = _optional_factory("transforms.coupling", "affine_coupling", "affine")
-    return _stack(factory, input_dim, **cfg)
-
-
-_BUILDERS = {
-    "iresnet": _iresnet_flow,
-    "revnet": _revnet_flow,
-    "additive": _additive_flow,
-    "affine": _affine_flow,
-    "pyro-affine": _pyro_affine_flow,
-}
-
-
-def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
-    """Build a flow for density estimation on ``R^input_dim`` from its name and options.
-
-    The flow remembers how it was built in ``flow.flow_config`` (plain types only), which
-    :func:`fit_density` stores in checkpoints and :func:`load_flow` uses to rebuild it.
-
-    =============== ==================================================================
-    ``iresnet``     :func:`~pyro_invres.residual_flow` with ``explicit="inverse"``
-                    (scoring data is explicit; options ``num_blocks``, ``hidden_dims``,
-                    ``activation``, ``lipschitz``, ``logdet``, ...)
-    ``revnet``      :func:`~pyro_invres.transforms.revnet.revnet_block` stack
-                    (options ``num_blocks``, ``hidden_dims``, ``affine``, ``activation``)
-    ``additive``    :func:`~pyro_invres.transforms.coupling.additive_coupling` stack,
-                    halves swapped between blocks
-    ``affine``      :func:`~pyro_invres.transforms.coupling.affine_coupling` stack
-    ``pyro-affine`` Pyro's own ``affine_coupling`` blocks with reversing permutations,
-                    for comparison
-    =============== ==================================================================
-
-    Every stack but ``pyro-affine`` puts an :class:`~pyro_invres.ActNorm` after each block.
-
-    Arguments:
-        name: one of :data:`FLOWS`.
-        input_dim: the dimension ``D`` of the data.
-        **cfg: options of the named flow (ints, floats, strings and lists of them).
-
-    Raises:
-        ValueError: for an unknown name, or a flow whose module is not installed.
-
-    Example:
-        >>> flow = build_flow("iresnet", 2, num_blocks=2, hidden_dims=[16])
-        >>> flow.flow_config
-        {'name': 'iresnet', 'input_dim': 2, 'num_blocks': 2, 'hidden_dims': [16]}
-    """
-    builder = _BUILDERS.get(name)
-    if builder is None:
-        raise ValueError(f"unknown flow {name!r}; choose from {', '.join(FLOWS)}")
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    flow = builder(input_dim, **dict(config))
-    flow.flow_config = {"name": name, "input_dim": input_dim, **config}
-    return flow
-
-
-# -- densities and evaluation ---------------------------------------------------------------------
-def make_density(
-    flow: TransformModule,
-    event_shape: Sequence[int],
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> dist.TransformedDistribution:
-    """The flow pushed forward from a standard normal base of shape ``event_shape``.
-
-    Example:
-        >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8])
-        >>> make_density(flow, (2,)).log_prob(torch.zeros(3, 2)).shape
-        torch.Size([3])
-    """
-    shape = tuple(int(s) for s in event_shape)
-    loc = torch.zeros(shape, device=device, dtype=dtype)
-    base = dist.Normal(loc, torch.ones_like(loc)).to_event(len(shape))
-    return dist.TransformedDistribution(base, flow)
-
-
-def inverse_iterations(flow: torch.nn.Module) -> int:
-    """Total fixed-point iterations run so far by the blocks that count them.
-
-    Sums ``solve_stats.iterations`` over every submodule that has ``solve_stats``
-    (:class:`~pyro_invres.InvertibleResidual`); 0 for flows without iterative blocks.
-
-    Example:
-        >>> inverse_iterations(build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8]))
-        0
-    """
-    total = 0
-    for module in flow.modules():
-        stats = getattr(module, "solve_stats", None)
-        if stats is not None:
-            total += int(stats.iterations)
-    return total
-
-
-@contextlib.contextmanager
-def _logdet_method(flow: torch.nn.Module, method: str | None) -> Iterator[None]:
-    """Temporarily switch every block that has a ``logdet`` option to ``method``."""
-    saved = []
-    if method is not None:
-        for module in flow.modules():
-            if isinstance(getattr(module, "logdet", None), str):
-                saved.append((module, module.logdet))
-                module.logdet = method
-    try:
-        yield
-    finally:
-        for module, value in saved:
-            module.logdet = value
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def evaluate_nll(
-    flow: TransformModule,
-    data: Tensor,
-    *,
-    batch_size: int = 4096,
-    logdet: str | None = None,
-) -> float:
-    """Mean negative log-likelihood of ``data`` (nats per sample), in eval mode.
-
-    Runs under ``torch.no_grad()`` with the flow in eval mode (restored afterwards).
-
-    Arguments:
-        flow: the flow; ``data`` lives on the flow's device, in its dtype.
-        data: ``(N, *event_shape)``.
-        batch_size: samples scored at once.
-        logdet: switch the blocks' log-det estimator for this evaluation (``"exact"``
-            removes the roulette estimator's noise; it costs ``D`` backward passes).
-
-    Example:
-        >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8])
-        >>> nll = evaluate_nll(flow, torch.randn(100, 2))
-        >>> 2.0 < nll < 4.0
-        True
-    """
-    if data.dim() < 2 or len(data) == 0:
-        raise ValueError(f"data must be a non-empty batch (N, *event_shape), got {data.shape}")
-    density = make_density(flow, data.shape[1:], data.device, data.dtype)
-    total = 0.0
-    with _eval_mode(flow), _logdet_method(flow, logdet), torch.no_grad():
-        for chunk in data.split(int(batch_size)):
-            total += float(density.log_prob(chunk).sum())
-    return -total / len(data)
-
-
-# -- checkpoints ----------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    version, keys, gauss = random.getstate()
-    name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "random": [version, list(keys), gauss],
-        "numpy": [name, torch.as_tensor(np_keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    version, keys, gauss = state["random"]
-    random.setstate((version, tuple(keys), gauss))
-    name, np_keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not every OS opens directories
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: whole, or not at all.
-
-    The bytes go to a temporary file in the same directory, which is flushed,
-    ``fsync``-ed and then renamed over ``path`` with :func:`os.replace` (atomic on POSIX
-    and Windows). Whatever happens mid-write, ``path`` holds either the previous
-    checkpoint or the new one.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.pt"
-        >>> save_checkpoint(p, {"x": torch.ones(2)}) == p, torch.load(p)["x"].sum().item()
-        (True, 2.0)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Write a file atomically: ``write(handle)`` fills a temporary file, which replaces ``path``.
-
-    The temporary file lives in the same directory (so :func:`os.replace` is a rename on
-    one file system), is flushed and ``fsync``-ed before the rename, and is removed if
-    anything fails (a full disk, a crash of ``write``, an interrupt). So ``path`` holds
-    either its previous content or the complete new one, never a 0-byte or half-written
-    file. Every file ``pyro-invres`` writes goes through here.
-
-    Arguments:
-        path: the file to write; its directory must exist, and it must not be a directory.
-        write: called once with a binary file handle.
-
-    Raises:
-        OSError: from the file system (the temporary file is gone by then), or
-            ``IsADirectoryError`` when ``path`` is a directory.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
-        >>> atomic_write(p, lambda f: f.write(b"hello")) == p, p.read_bytes()
-        (True, b'hello')
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`fit_density`, safely.
-
-    Uses ``torch.load(..., weights_only=True)``: no code in the file is executed.
-
-    Raises:
-        CheckpointError: the file is missing, truncated, corrupted, or not a checkpoint of
-            this package (the message says which).
-
-    Example:
-        >>> load_checkpoint("/no/such/file.pt")
-        Traceback (most recent call last):
-        ...
-        pyro_invres.train.CheckpointError: no checkpoint at /no/such/file.pt
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for damaged files
-        text = " ".join(str(err).split())
-        reason = text.split(". ")[0][:200] if text else type(err).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: truncated or corrupted ({reason[:200]})"
-        ) from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a pyro-invres checkpoint ({CHECKPOINT_FORMAT})")
-    missing = [k for k in _REQUIRED_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
-    _check_structure(state, f"checkpoint {path}")
-    return state
-
-
-def _check_structure(state: Mapping[str, Any], where: str) -> None:
-    """Refuse a checkpoint whose entries have the wrong types (hand-edited, or forged).
-
-    Later code indexes into these entries; a string where a dict belongs would otherwise
-    surface as an ``AttributeError`` deep inside the command line.
-    """
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{where}: 'step' must be an int >= 0, got {step!r:.80}")
-    weights = state.get("flow_state")
-    if not isinstance(weights, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()
-    ):
-        raise CheckpointError(f"{where}: 'flow_state' must map names to tensors")
-    for key in ("optim_state", "rng", "config"):
-        if not isinstance(state.get(key), Mapping):
-            raise CheckpointError(f"{where}: {key!r} must be a dict, got {state.get(key)!r:.80}")
-    for key in ("flow", "fit", "metadata"):
-        entry = state["config"].get(key)
-        if entry is not None and not isinstance(entry, Mapping):
-            raise CheckpointError(f"{where}: config[{key!r}] must be a dict, got {entry!r:.80}")
-    losses = state.get("losses", [])
-    if not isinstance(losses, list | tuple) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in losses
-    ):
-        raise CheckpointError(f"{where}: 'losses' must be a list of numbers")
-
-
-#: The most any integer of a checkpoint's flow config may ask for (blocks, widths, solver
-#: iterations, ...): far above any flow this package trains, far below what would exhaust
-#: memory or time before the stored tensors are compared.
-MAX_CONFIG_INT = 1 << 20
-
-
-def _check_flow_config(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -> None:
-    """Check a checkpoint's flow config against its stored tensors, before building the flow.
-
-    A config is only a description; the tensors are what the file really holds. The
-    config must ask for the stored tensors, key for key and shape for shape, so that
-    rebuilding the flow costs what the file already cost, whatever the config says.
-
-    The shapes it implies are found without building it at its size: small probe flows
-    (every hidden width 1, then one width at a time 2) give each dimension as
-    ``a + sum_j b_j (h_j - 1)``, linear in the widths ``h_j``, which is how layer widths
-    enter weight shapes. Each probe has at most as many blocks as the file has tensors.
-
-    Raises:
-        CheckpointError: naming the first option or tensor that does not match.
-    """
-
-    def ints_in(value: Any) -> Iterator[int]:
-        if isinstance(value, int) and not isinstance(value, bool):
-            yield value
-        elif isinstance(value, list | tuple):
-            for v in value:
-                yield from ints_in(v)
-        elif isinstance(value, Mapping):
-            for v in value.values():
-                yield from ints_in(v)
-
-    too_big = [v for v in ints_in(dict(config)) if abs(v) > MAX_CONFIG_INT]
-    if too_big:
-        raise CheckpointError(
-            f"the checkpoint's flow config asks for {too_big[0]}, above the limit "
-            f"{MAX_CONFIG_INT} of any size or count it may ask for"
-        )
-    name, input_dim = config["name"], config["input_dim"]
-    options = {k: v for k, v in config.items() if k not in ("name", "input_dim")}
-    blocks, hidden = options.get("num_blocks", 1), options.get("hidden_dims")
-    for what, value in [("input_dim", input_dim), ("num_blocks", blocks)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CheckpointError(
-                f"the checkpoint's flow config has {what}={value!r:.80}; expected a positive int"
-            )
-    if hidden is not None and (
-        not isinstance(hidden, list)
-        or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
-    ):
-        raise CheckpointError(
-            f"the checkpoint's flow config has hidden_dims={hidden!r:.80}; "
-            "expected a list of positive ints"
-        )
-    # every block holds at least one tensor, and every layer adds one to each block
-    if blocks > len(weights) or (hidden is not None and len(hidden) > len(weights)):
-        raise CheckpointError(
-            f"the checkpoint's flow config asks for {blocks} blocks of {len(hidden or [])} "
-            f"hidden layers, but the file stores only {len(weights)} tensors"
-        )
-    largest = max((max(v.shape, default=1) for v in weights.values()), default=0)
-    if input_dim > largest:
-        raise CheckpointError(
-            f"the checkpoint's flow config has input_dim={input_dim}, but no stored tensor "
-            f"has a dimension that large (largest {largest})"
-        )
-
-    def probe(widths: list[int] | None) -> dict[str, tuple[int, ...]]:
-        cfg = dict(options) if widths is None else {**options, "hidden_dims": widths}
-        flow = build_flow(name, input_dim, **cfg)
-        return {k: tuple(v.shape) for k, v in flow.state_dict().items()}
-
-    # the probes draw initial weights: leave the caller's random stream as it was
-    with torch.random.fork_rng(devices=[]):
-        expected = _probe_shapes(probe, hidden)
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise CheckpointError(
-            f"the checkpoint's flow config does not describe its weights: stored tensor "
-            f"{unexpected[0]!r} (and {len(unexpected) - 1} more) is not in a {name} flow of "
-            f"{blocks} blocks"
-        )
-    for key, shape in expected.items():
-        if key not in weights:
-            # a missing flag (a buffer added in a later version) is left to the module's
-            # own loading; a missing weight means the config asks for more than is stored
-            if math.prod(d for d in shape if d >= 0) > 1:
-                raise CheckpointError(
-                    f"the checkpoint's flow config asks for tensor {key!r} of shape "
-                    f"{list(shape)}, which the file does not store"
-                )
-            continue
-        stored = tuple(weights[key].shape)
-        if len(stored) != len(shape) or any(d >= 0 and d != s for d, s in zip(shape, stored)):
-            raise CheckpointError(
-                f"the checkpoint's flow config asks for {key!r} of shape {list(shape)}, but "
-                f"the file stores shape {list(stored)}"
-            )
-
-
-def _probe_shapes(
-    probe: Callable[[list[int] | None], dict[str, tuple[int, ...]]], hidden: list[int] | None
-) -> dict[str, tuple[int, ...]]:
-    """The state-dict shapes a config implies, from probes of width 1 and 2 (-1: unknown)."""
-    try:
-        if hidden is None:  # sizes follow from input_dim alone, bounded above
-            expected = probe(None)
-        else:
-            base = probe([1] * len(hidden))
-            slopes = []
-            for j in range(len(hidden)):
-                bumped = probe([2 if i == j else 1 for i in range(len(hidden))])
-                if bumped.keys() != base.keys():  # width changes the structure: no shapes
-                    slopes = None
-                    break
-                slopes.append(bumped)
-            expected = {
-                k: tuple(
-                    d + sum((s[k][i] - d) * (h - 1) for s, h in zip(slopes, hidden))
-                    if slopes is not None and all(len(s[k]) == len(shape) for s in slopes)
-                    else -1  # unknown: left to load_state_dict
-                    for i, d in enumerate(shape)
-                )
-                for k, shape in base.items()
-            }
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"the checkpoint's flow config is not valid: {err}") from err
-    return expected
-
-
-def load_flow(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TransformModule:
-    """Rebuild the flow stored in a checkpoint (a path or a loaded dict), in eval mode.
-
-    The flow config is checked against the stored tensors (names and shapes) before the
-    flow is built, so a config that asks for more than the file holds fails at once
-    instead of allocating it; every integer in it is bounded by :data:`MAX_CONFIG_INT`.
-
-    Raises:
-        CheckpointError: unreadable file, no flow config, a config that does not describe
-            the stored tensors, or weights that do not fit.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> from pyro_invres.datasets import sample_toy
-        >>> data = sample_toy("moons", 256, seed=0)
-        >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8])
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     path = pathlib.Path(tmp) / "fit.pt"
-        ...     _ = fit_density(flow, data, steps=3, batch_size=64, checkpoint_path=path,
-        ...                     progress=False)
-        ...     loaded = load_flow(path)
-        >>> loaded.training, abs(evaluate_nll(loaded, data) - evaluate_nll(flow, data)) < 1e-6
-        (False, True)
-    """
-    if isinstance(checkpoint, Mapping):
-        state = checkpoint
-        missing = [k for k in ("step", "flow_state", "config") if k not in state]
-        if missing:
-            raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}")
-        _check_structure(
-            {"optim_state": {}, "rng": {}, **state}, "the checkpoint"
-        )  # optimiser and RNG states are not needed to rebuild the flow
-    else:
-        state = load_checkpoint(checkpoint)
-    config = dict(state["config"].get("flow") or {})
-    if "name" not in config or "input_dim" not in config:
-        raise CheckpointError("the checkpoint has no flow config to rebuild the flow from")
-    if config["name"] not in FLOWS:
-        raise CheckpointError(
-            f"the checkpoint's flow config names flow {config['name']!r:.80}; "
-            f"expected one of {', '.join(FLOWS)}"
-        )
-    # before building anything: a config that asks for more than the file stores (20,000
-    # blocks, 30,000-wide layers) would otherwise cost minutes and gigabytes to refuse
-    _check_flow_config(config, state["flow_state"])
-    name, input_dim = config.pop("name"), config.pop("input_dim")
-    try:
-        flow = build_flow(name, input_dim, **config)
-        flow.load_state_dict(state["flow_state"])
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot rebuild the flow from the checkpoint: {err}") from err
-    return flow.eval()
 
 
 # -- training -------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_a_write_refused_by_the_file_system_is_one_line(run, tmp_path, capsys, m
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("pyro_invres.train.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("pyro_invres.checkpoint.tempfile.mkstemp", refuse)
     out = tmp_path / "s.npy"
     argv = ["sample", "--checkpoint", str(run / "checkpoint.pt"), "--n", "5", "--out", str(out)]
     one_line_error(capsys, argv, f"cannot write {out}", "Permission denied")
