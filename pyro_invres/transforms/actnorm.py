@@ -238,7 +238,7 @@ class ActNorm(InvertibleModule):
         self._initialize(y, data_is_output=True)
         return (y - self._shaped(self.bias)) * self._shaped(-self.log_scale).exp()
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         n_batch = x.dim() - self.event_dim
         positions = math.prod(x.shape[n_batch + 1 :])
         value = self.log_scale.sum() * positions

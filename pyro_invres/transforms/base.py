@@ -22,15 +22,19 @@ fixed event shape that adds these to Pyro's contract:
 * **Thread safety**: each thread has its own cached pair and memo, so concurrent calls on
   one flow never answer with another thread's pair (a copy or a pickle starts empty).
 
-Subclasses implement ``_call``, ``_inverse`` and ``_log_abs_det_jacobian`` and may store
-a value with :meth:`_remember_ladj` while computing the map.
+* **An explicit contract** (:meth:`InvertibleModule.call_and_ladj`,
+  :meth:`~InvertibleModule.inverse_and_ladj`, :meth:`~InvertibleModule.as_coupling`):
+  a block returns its output and its log-determinant together, and composites such as
+  :class:`~pyro_invres.transforms.ReversibleStack` use only these public methods.
+
+The class docstring of :class:`InvertibleModule` says what a subclass implements.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
-from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as pdist
 import torch
@@ -42,7 +46,32 @@ from ..nn.conditioners import ContextBound
 from ..ops.digest import value_digest
 from ..ops.implicit import _functorch_data
 
-__all__ = ["InvertibleModule", "as_event_shape"]
+__all__ = ["InvertibleModule", "LazyLadj", "as_event_shape"]
+
+#: What a hook returns as the log-det: the tensor, or a zero-argument function computing it
+#: (evaluated only if someone asks, so that sampling without scoring never pays for it).
+LazyLadj = Tensor | Callable[[], Tensor]
+
+
+def _settle(ladj: LazyLadj) -> Tensor:
+    """The log-det tensor of what a hook returned."""
+    return ladj if isinstance(ladj, Tensor) else ladj()
+
+
+_LEGACY_MEMO: dict[type, bool] = {}
+
+
+def _takes_memo(kind: type) -> bool:
+    """Whether ``kind._log_abs_det_jacobian`` still has the old ``(x, y, memo)`` signature.
+
+    Temporary: the side channel (``_remember_ladj``) is kept for blocks not yet moved to
+    the ``_call_and_ladj``/``_inverse_and_ladj`` hooks.
+    """
+    legacy = _LEGACY_MEMO.get(kind)
+    if legacy is None:
+        params = inspect.signature(kind._log_abs_det_jacobian).parameters  # type: ignore[attr-defined]
+        legacy = _LEGACY_MEMO[kind] = len(params) >= 4  # self, x, y, memo
+    return legacy
 
 
 # -- what a cached pair depends on ---------------------------------------------------------
@@ -121,8 +150,8 @@ class _Slot:
         self.state: list[Tensor] = []
         self.contexts: list[Tensor] = []
         self.digest: tuple[object, ...] = ()
-        self.memo: object = None  # what ``_remember_ladj`` stored, then the log-det
-        self.pending: object = None  # what the call now running remembered
+        self.memo: LazyLadj | None = None  # the pair's log-det, or how to compute it
+        self.pending: object = None  # legacy: what ``_remember_ladj`` stored in this call
 
 
 def as_event_shape(input_dim: int | Sequence[int]) -> tuple[int, ...]:
@@ -152,6 +181,39 @@ class InvertibleModule(TransformModule):
         output_shape: the event shape of the output when it differs (space-to-depth),
             same rank as ``event_shape``.
 
+    The block contract (what a composite may rely on, in the spirit of Distrax's
+    ``Bijector``):
+
+    * :meth:`call_and_ladj` ``(x) -> (y, ladj)``: ``y = f(x)`` and ``log|det df/dx|`` at
+      ``x``, shaped like the batch (``x.shape[:-event_dim]``).
+    * :meth:`inverse_and_ladj` ``(y) -> (x, ladj)``: ``x = f^{-1}(y)`` and the *forward*
+      log-det ``log|det df/dx|`` at that ``x`` (so ``log q(y) = log p(x) - ladj``).
+    * :meth:`call` and :meth:`inverse`: the map alone; a log-det the block can defer is
+      never computed.
+    * :meth:`as_coupling`: a :class:`~pyro_invres.transforms.coupling.Coupling` describing
+      how the block couples (split, conditioner passes, update, merge), or ``None`` (the
+      default). :class:`~pyro_invres.transforms.ReversibleStack` fuses the reconstruction
+      and the backward pass of any block that returns one.
+
+    All four take ``cached``: with ``True`` (the default) they validate the input (event
+    shape, dtype, device, finiteness under Pyro validation) and go through this thread's
+    cache, so a second question about the same pair costs nothing; ``cached=False`` runs
+    the map directly, without validation or cache, for composites that check at their own
+    boundary and must not keep every block's activations (``ReversibleStack``).
+
+    What a subclass implements: **either** ``_call(x)``, ``_inverse(y)`` and
+    ``_log_abs_det_jacobian(x, y)`` (the log-det of any pair, computed from scratch),
+    **or** the hooks ``_call_and_ladj(x)`` and ``_inverse_and_ladj(y)`` returning
+    ``(out, ladj)``, where ``ladj`` (the forward log-det in both directions) is a tensor or
+    a zero-argument function evaluated only when asked (:data:`LazyLadj`); a block with the
+    hooks may also implement ``_log_abs_det_jacobian`` (the default reruns
+    ``_call_and_ladj``). What it may assume: inputs reaching the hooks have the right
+    event shape, dtype and device (or come from a composite that checked them); hooks are
+    called with grad mode as the caller set it; the cache is not its business (never read
+    or write another block's private members). A mapping that keeps no parameters of its
+    own must still depend only on its parameters, buffers and bound contexts: the cache
+    is keyed on exactly those.
+
     Example:
         A subclass implements the map, its inverse and the log-det:
 
@@ -161,7 +223,7 @@ class InvertibleModule(TransformModule):
         ...         return 2 * x
         ...     def _inverse(self, y):
         ...         return y / 2
-        ...     def _log_abs_det_jacobian(self, x, y, memo):
+        ...     def _log_abs_det_jacobian(self, x, y):
         ...         return x.new_full(x.shape[:-1], self.event_shape[0] * math.log(2))
         >>> t = Double((3,))
         >>> x = torch.ones(4, 3)
@@ -174,6 +236,17 @@ class InvertibleModule(TransformModule):
         Traceback (most recent call last):
         ...
         ValueError: Double: expected input with event shape (3,) (trailing dims), got shape (4, 2)
+
+        Or the hooks, returning the output and the log-det together (here lazily):
+
+        >>> class Triple(InvertibleModule):
+        ...     def _call_and_ladj(self, x):
+        ...         return 3 * x, lambda: x.new_full(x.shape[:-1], 3 * math.log(3))
+        ...     def _inverse_and_ladj(self, y):
+        ...         return y / 3, y.new_full(y.shape[:-1], 3 * math.log(3))
+        >>> y, ladj = Triple((3,)).inverse_and_ladj(torch.ones(2, 3), cached=False)
+        >>> y[0].tolist(), round(float(ladj[0]), 4)
+        ([0.3333333432674408, 0.3333333432674408, 0.3333333432674408], 3.2958)
     """
 
     bijective = True
@@ -196,7 +269,24 @@ class InvertibleModule(TransformModule):
             raise ValueError(f"input and output event shapes differ in rank: {shape} vs {out}")
         self.event_shape = shape
         self.output_shape = out
+        self._check_hooks()
         self._slot()  # before any thread can race to create the per-thread cache
+
+    def _check_hooks(self) -> None:
+        """Refuse a subclass that implements neither form of the contract (see above)."""
+        kind, base = type(self), InvertibleModule
+        for plain, hook in [("_call", "_call_and_ladj"), ("_inverse", "_inverse_and_ladj")]:
+            if getattr(kind, plain) is getattr(base, plain) and getattr(kind, hook) is getattr(
+                base, hook
+            ):
+                raise TypeError(f"{kind.__name__} must implement {plain} or {hook}")
+        if (
+            kind._log_abs_det_jacobian is base._log_abs_det_jacobian
+            and kind._call_and_ladj is base._call_and_ladj
+        ):
+            raise TypeError(
+                f"{kind.__name__} must implement _log_abs_det_jacobian or _call_and_ladj"
+            )
 
     # -- Pyro's contract -------------------------------------------------------------
     @property
@@ -304,15 +394,6 @@ class InvertibleModule(TransformModule):
         slot.x, slot.y = pair
         slot.key = slot.memo = None  # a pair set from outside is never reused
 
-    @property
-    def _pending_memo(self) -> object:
-        """What the call now running in this thread passed to :meth:`_remember_ladj`."""
-        return self._slot().pending
-
-    @_pending_memo.setter
-    def _pending_memo(self, value: object) -> None:
-        self._slot().pending = value
-
     def __getstate__(self) -> dict:
         # the cache holds graph-carrying tensors and a threading.local (which does not
         # pickle): neither belongs in a copy or a pickle; a copy makes its own lazily
@@ -340,76 +421,220 @@ class InvertibleModule(TransformModule):
         # the values too: writes through ``p.data`` keep the versions
         return value_digest(slot.state) == slot.digest
 
-    def _store(self, slot: _Slot, x: Tensor, y: Tensor) -> None:
-        pending, slot.pending = slot.pending, None
+    def _store(self, slot: _Slot, x: Tensor, y: Tensor, ladj: LazyLadj) -> None:
         slot.x, slot.y = x, y
         slot.versions = _version(x), _version(y)
         slot.state, slot.contexts = _dependencies(self)
         slot.key = self._state_key()
         slot.digest = value_digest(slot.state)
-        # only what this very call remembered may become the memo of its pair
-        slot.memo = pending
+        # only what this very call returned may become the log-det of its pair
+        slot.memo = ladj
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def _through_cache(self, value: Tensor, forward: bool) -> Tensor:
+        """One direction of the map through this thread's cache (validating a new input)."""
+        if forward:
+            where: tuple = ("input",)
+        else:
+            where = ("input of the inverse", self.output_shape)
         if self._cache_size == 0:
-            self._validate(x, "input")
-            return self._call(x)
+            self._validate(value, *where)
+            return (self._call_and_ladj if forward else self._inverse_and_ladj)(value)[0]
         slot = self._slot()
-        if x is slot.x and self._pair_is_current(slot):
-            return slot.y  # type: ignore[return-value]
-        self._validate(x, "input")
-        slot.memo = slot.pending = None  # the old pair stays, for a warm start
-        y = self._call(x)
-        self._store(slot, x, y)
-        return y
-
-    def _inv_call(self, y: Tensor) -> Tensor:
-        if self._cache_size == 0:
-            self._validate(y, "input of the inverse", self.output_shape)
-            return self._inverse(y)
-        slot = self._slot()
-        if y is slot.y and self._pair_is_current(slot):
-            return slot.x  # type: ignore[return-value]
-        self._validate(y, "input of the inverse", self.output_shape)
-        slot.memo = slot.pending = None  # the old pair stays, for a warm start
-        x = self._inverse(y)
-        self._store(slot, x, y)
+        if value is (slot.x if forward else slot.y) and self._pair_is_current(slot):
+            return slot.y if forward else slot.x  # type: ignore[return-value]
+        self._validate(value, *where)
+        slot.memo = None  # the old pair stays, for a warm start
+        if forward:
+            y, ladj = self._call_and_ladj(value)
+            self._store(slot, value, y, ladj)
+            return y
+        x, ladj = self._inverse_and_ladj(value)
+        self._store(slot, x, value, ladj)
         return x
 
-    # -- the log-det memo -------------------------------------------------------------------
+    def __call__(self, x: Tensor) -> Tensor:
+        return self._through_cache(x, True)
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        return self._through_cache(y, False)
+
+    # -- the contract -----------------------------------------------------------------------
+    def call(self, x: Tensor, cached: bool = True) -> Tensor:
+        """``y = f(x)``; a log-det the block can defer is not computed.
+
+        Arguments:
+            x: a batch of events.
+            cached: validate ``x`` and go through the cache (``False``: neither).
+
+        Example:
+            >>> import torch
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> block = affine_coupling(4, [8])
+            >>> x = torch.randn(3, 4)
+            >>> block.call(x) is block(x)   # the cached pair
+            True
+        """
+        if cached:
+            return self._through_cache(x, True)
+        return self._call_and_ladj(x)[0]
+
+    def inverse(self, y: Tensor, cached: bool = True) -> Tensor:
+        """``x = f^{-1}(y)`` (what ``t.inv(y)`` computes); the log-det is not computed.
+
+        Arguments:
+            y: a batch of outputs.
+            cached: validate ``y`` and go through the cache (``False``: neither).
+
+        Example:
+            >>> import torch
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> block = affine_coupling(4, [8])
+            >>> y = torch.randn(3, 4)
+            >>> torch.equal(block.inverse(y, cached=False), block.inv(y))
+            True
+        """
+        if cached:
+            return self._through_cache(y, False)
+        return self._inverse_and_ladj(y)[0]
+
+    def call_and_ladj(self, x: Tensor, cached: bool = True) -> tuple[Tensor, Tensor]:
+        """``(y, log|det df/dx|)`` at ``x``, the log-det shaped like the batch.
+
+        Arguments:
+            x: a batch of events.
+            cached: validate ``x`` and go through the cache, so that a later
+                ``log_abs_det_jacobian(x, y)`` or ``inv(y)`` costs nothing; ``False`` runs
+                the map directly (no validation, nothing kept).
+
+        Example:
+            >>> import torch
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> block = affine_coupling(4, [8])
+            >>> x = torch.randn(3, 4)
+            >>> y, ladj = block.call_and_ladj(x)
+            >>> ladj is block.log_abs_det_jacobian(x, y), ladj.shape
+            (True, torch.Size([3]))
+        """
+        if not cached:
+            y, ladj = self._call_and_ladj(x)
+            return y, _settle(ladj)
+        if self._cache_size == 0:
+            self._validate(x, "input")
+            y, ladj = self._call_and_ladj(x)
+            return y, _settle(ladj)
+        y = self._through_cache(x, True)
+        return y, self.log_abs_det_jacobian(x, y)
+
+    def inverse_and_ladj(self, y: Tensor, cached: bool = True) -> tuple[Tensor, Tensor]:
+        """``(x, log|det df/dx|)`` with ``x = f^{-1}(y)``: the *forward* log-det at ``x``.
+
+        So ``log q(y) = log p(x) - ladj`` for a flow pushing ``p`` forward through ``f``.
+
+        Arguments:
+            y: a batch of outputs.
+            cached: as in :meth:`call_and_ladj`.
+
+        Example:
+            >>> import torch
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> block = affine_coupling(4, [8])
+            >>> y = torch.randn(3, 4)
+            >>> x, ladj = block.inverse_and_ladj(y, cached=False)
+            >>> y2, ladj2 = block.call_and_ladj(x, cached=False)
+            >>> torch.allclose(y2, y, atol=1e-6), torch.allclose(ladj2, ladj, atol=1e-6)
+            (True, True)
+        """
+        if not cached:
+            x, ladj = self._inverse_and_ladj(y)
+            return x, _settle(ladj)
+        if self._cache_size == 0:
+            self._validate(y, "input of the inverse", self.output_shape)
+            x, ladj = self._inverse_and_ladj(y)
+            return x, _settle(ladj)
+        x = self._through_cache(y, False)
+        return x, self.log_abs_det_jacobian(x, y)
+
+    def as_coupling(self) -> object | None:
+        """How this block couples, or ``None`` (the default: it is not a coupling).
+
+        A coupling block returns a :class:`~pyro_invres.transforms.coupling.Coupling`
+        (split, conditioner updates, merge) over its own networks; a
+        :class:`~pyro_invres.transforms.ReversibleStack` then reconstructs its input and
+        back-propagates with one pass of each network.
+
+        Example:
+            >>> from pyro_invres.transforms import actnorm, revnet_block
+            >>> actnorm(2).as_coupling() is None, len(revnet_block(4, [8]).as_coupling().updates)
+            (True, 2)
+        """
+        return None
+
+    # -- the hooks (see the class docstring) --------------------------------------------------
+    def _call(self, x: Tensor) -> Tensor:
+        return self._call_and_ladj(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._inverse_and_ladj(y)[0]
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, LazyLadj]:
+        """``(f(x), forward log-det or how to compute it)``; default from ``_call``."""
+        self._slot().pending = None
+        y = self._call(x)
+        return y, self._ladj_after(x, y)
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, LazyLadj]:
+        """``(f^{-1}(y), forward log-det at it, or how to compute it)``; from ``_inverse``."""
+        self._slot().pending = None
+        x = self._inverse(y)
+        return x, self._ladj_after(x, y)
+
+    def _ladj_after(self, x: Tensor, y: Tensor) -> LazyLadj:
+        slot = self._slot()
+        pending, slot.pending = slot.pending, None
+        if isinstance(pending, Tensor):
+            return pending
+        if pending is not None:  # legacy side channel (see _remember_ladj)
+            return lambda: self._log_abs_det_jacobian(x, y, pending)  # type: ignore[call-arg]
+        return lambda: self._pair_ladj(x, y)
+
     def _remember_ladj(self, value: object) -> None:
-        """Called by ``_call``/``_inverse`` with what the log-det needs (or the log-det)."""
+        """Deprecated side channel, kept until every block uses the hooks.
+
+        Called by a legacy ``_call``/``_inverse`` with what its 3-argument
+        ``_log_abs_det_jacobian(x, y, memo)`` needs (or the log-det itself).
+        """
         self._slot().pending = value
 
-    def _memo_for(self, x: Tensor, y: Tensor) -> object:
-        slot = self._slot()
-        if slot.memo is not None and x is slot.x and y is slot.y and self._pair_is_current(slot):
-            return slot.memo
-        return None
+    def _pair_ladj(self, x: Tensor, y: Tensor) -> Tensor:
+        if _takes_memo(type(self)):
+            return self._log_abs_det_jacobian(x, y, None)  # type: ignore[call-arg]
+        return self._log_abs_det_jacobian(x, y)
+
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """The log-det of a pair, from scratch; the default reruns ``_call_and_ladj(x)``."""
+        return _settle(self._call_and_ladj(x)[1])
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """``log |det dy/dx|`` of the forward map, shaped like the batch.
 
         Computed at most once for the cached pair: a second call returns the same tensor.
         """
-        memo = self._memo_for(x, y)
-        if isinstance(memo, Tensor):
-            return memo
         slot = self._slot()
+        memo = slot.memo
+        if memo is not None and x is slot.x and y is slot.y and self._pair_is_current(slot):
+            if isinstance(memo, Tensor):
+                return memo
+            value = memo()
+            if slot.memo is memo:
+                # keep the number, drop whatever graph-building state produced it
+                slot.memo = value
+            return value
         unchanged = slot.versions == (_version(x), _version(y))
         if not (x is slot.x and y is slot.y and unchanged):
             # a pair this block did not just compute (or changed since): check it like any input
             self._validate(x, "input of log_abs_det_jacobian")
             self._validate(y, "output given to log_abs_det_jacobian", self.output_shape)
-        value = self._log_abs_det_jacobian(x, y, memo)
-        if memo is not None and slot.memo is memo:
-            # keep the number, drop whatever graph-building state produced it
-            slot.memo = value
-        return value
-
-    @abstractmethod
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
-        """The log-det for the pair; ``memo`` is what ``_remember_ladj`` stored, or None."""
+        return self._pair_ladj(x, y)
 
     def __repr__(self) -> str:
         return torch.nn.Module.__repr__(self)

@@ -139,7 +139,7 @@ class InvertibleConv1x1(InvertibleModule):
     def _inverse(self, y: Tensor) -> Tensor:
         return self._per_channel(self.inverse_weight(), y)
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         n_batch = x.dim() - self.event_dim
         positions = math.prod(x.shape[n_batch + 1 :])
         return (self.log_scale.sum() * positions).expand(x.shape[:n_batch])

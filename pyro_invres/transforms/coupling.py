@@ -34,7 +34,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 import torch
@@ -42,6 +43,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
 from ..nn.conditioners import ContextBound, _check_context, make_conditioner
+from ..ops.reversible import InverseVJP
 from .base import InvertibleModule, as_event_shape
 
 __all__ = [
@@ -107,6 +109,207 @@ def _check_context_dim(context_dim: int) -> int:
     return int(context_dim)
 
 
+# -- the coupling core --------------------------------------------------------------------------
+def _module_tensors(module: nn.Module) -> tuple[Tensor, ...]:
+    """Parameters, and the context of conditioned networks (it may require grad)."""
+    found = list(module.parameters())
+    for m in module.modules():
+        context = getattr(m, "context", None) if isinstance(m, ContextBound) else None
+        if isinstance(context, Tensor) and context.requires_grad:
+            found.append(context)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class CouplingUpdate:
+    """One coupling update of a two-part event ``(h_0, h_1)``.
+
+    The part ``h_cond`` feeds ``net`` and stays; the other part becomes ``h + t``
+    (additive, ``log_scale_bound=None``, ``net`` returns ``t``) or ``h e^s + t`` with
+    ``s = b tanh(raw / b)`` (affine, ``net`` returns ``(raw, t)``).
+
+    Example:
+        >>> import torch
+        >>> update = CouplingUpdate(0, torch.nn.Identity())
+        >>> update.changed, update.coefficients(torch.ones(2))
+        (1, (None, tensor([1., 1.])))
+    """
+
+    cond: int
+    net: nn.Module
+    log_scale_bound: float | None = None
+
+    @property
+    def changed(self) -> int:
+        """The index of the part this update changes."""
+        return 1 - self.cond
+
+    def coefficients(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(s, t)`` from the conditioning part (``s`` is None for an additive update)."""
+        if self.log_scale_bound is None:
+            return None, self.net(h)
+        raw, shift = self.net(h)
+        return bounded_log_scale(raw, self.log_scale_bound), shift
+
+
+def _couple(h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
+    return h + t if s is None else h * s.exp() + t
+
+
+def _uncouple(h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
+    return h - t if s is None else (h - t) * torch.exp(-s)
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """How a block couples: the one implementation of every coupling update here.
+
+    :class:`AdditiveCoupling`, :class:`BoundedAffineCoupling`,
+    :class:`~pyro_invres.transforms.RevNetBlock` (two updates with the roles swapped) and
+    any user block whose :meth:`~pyro_invres.transforms.InvertibleModule.as_coupling`
+    returns one compute both directions and the log-det here, and
+    :class:`~pyro_invres.transforms.ReversibleStack` takes its fused backward from
+    :meth:`inverse_vjp`.
+
+    Arguments:
+        split: ``x -> (h_0, h_1)``.
+        merge: ``(h_0, h_1) -> x``, the inverse of ``split``.
+        updates: applied in order by the forward map, undone in reverse by the inverse.
+        event_dim: the number of event dimensions (the log-det sums over them).
+
+    Example:
+        >>> import torch
+        >>> from pyro_invres.transforms import revnet_block
+        >>> core = revnet_block(4, [8], affine=True).as_coupling()
+        >>> x = torch.randn(3, 4)
+        >>> y, ladj = core.forward(x)
+        >>> x2, ladj2 = core.inverse(y)
+        >>> torch.allclose(x2, x), torch.equal(ladj, ladj2)
+        (True, True)
+    """
+
+    split: Callable[[Tensor], tuple[Tensor, Tensor]]
+    merge: Callable[[Tensor, Tensor], Tensor]
+    updates: tuple[CouplingUpdate, ...]
+    event_dim: int
+
+    def _ladj(self, scales: list[Tensor | None], like: Tensor) -> Tensor:
+        """The forward log-det from the log-scales in forward order (zero if additive)."""
+        total: Tensor | None = None
+        for s in scales:
+            if s is not None:
+                value = _sum_event(s, self.event_dim)
+                total = value if total is None else total + value
+        if total is None:
+            return like.new_zeros(like.shape[: like.dim() - self.event_dim])
+        return total
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, log|det dy/dx|)``."""
+        h = list(self.split(x))
+        scales: list[Tensor | None] = []
+        for u in self.updates:
+            s, t = u.coefficients(h[u.cond])
+            h[u.changed] = _couple(h[u.changed], s, t)
+            scales.append(s)
+        return self.merge(h[0], h[1]), self._ladj(scales, x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dy/dx|)``: the input and the *forward* log-det at it."""
+        h = list(self.split(y))
+        scales: list[Tensor | None] = [None] * len(self.updates)
+        for i in reversed(range(len(self.updates))):
+            u = self.updates[i]
+            s, t = u.coefficients(h[u.cond])
+            h[u.changed] = _uncouple(h[u.changed], s, t)
+            scales[i] = s
+        return self.merge(h[0], h[1]), self._ladj(scales, y)
+
+    def pair_ladj(self, x: Tensor, y: Tensor) -> Tensor:
+        """The forward log-det of a pair ``(x, y)`` from the conditioning parts alone.
+
+        Each update's conditioning part is read from ``x`` until a later update no longer
+        changes it, then from ``y``: no update is recomputed.
+        """
+        if all(u.log_scale_bound is None for u in self.updates):
+            return self._ladj([], x)
+        h, final = list(self.split(x)), self.split(y)
+        scales: list[Tensor | None] = []
+        for i, u in enumerate(self.updates):
+            s, _ = u.coefficients(h[u.cond])
+            scales.append(s)
+            if all(v.changed != u.changed for v in self.updates[i + 1 :]):
+                h[u.changed] = final[u.changed]
+        return self._ladj(scales, x)
+
+    def inverse_vjp(self, inverse: bool = False) -> InverseVJP:
+        """A fused backward step for :class:`~pyro_invres.ops.reversible.ReversibleStep`.
+
+        A coupling update keeps its conditioning part, so the network evaluated at the
+        output's part is the very network of the forward pass: its outputs undo the update
+        (the reconstruction) and its graph serves the backward pass (no separate
+        inversion). ``inverse=True`` is the step of the inverse map ``y -> x``.
+        """
+        owned = [frozenset(map(id, _module_tensors(u.net))) for u in self.updates]
+        order = list(range(len(self.updates)))
+        # the updates as the step applies them: reversed and undone for the inverse map
+        run = [(i, inverse) for i in (order[::-1] if inverse else order)]
+        event_dim = self.event_dim
+
+        def step_vjp(
+            out: Tensor, grad_out: Tensor, grad_logdet: Tensor, wrt: tuple[Tensor, ...]
+        ) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+            halves = list(self.split(out))
+            grads = list(self.split(grad_out))
+            param_grads: list[Tensor | None] = [None] * len(wrt)
+            for i, undo in reversed(run):
+                u = self.updates[i]
+                c, ch = u.cond, u.changed
+                mine = [k for k, w in enumerate(wrt) if id(w) in owned[i]]
+                with torch.enable_grad():  # the backward pass runs with grad mode off
+                    cond = halves[c].detach().requires_grad_()
+                    s, t = u.coefficients(cond)
+                    logdet = None if s is None else _sum_event(s, event_dim)
+                    if logdet is not None and undo:
+                        logdet = -logdet
+                with torch.no_grad():
+                    after = halves[ch]
+                    before = _couple(after, s, t) if undo else _uncouple(after, s, t)
+                    # the update is elementwise in the changed part: its vector-Jacobian
+                    # products are closed form, only the network needs autograd
+                    g = grads[ch]
+                    if s is None:  # after = before +- t
+                        g_before, g_s, g_t = g, None, (-g if undo else g)
+                    elif undo:  # after = (before - t) e^{-s}
+                        scaled = g * torch.exp(-s)
+                        g_before, g_s, g_t = scaled, -g * after, -scaled
+                    else:  # after = before e^s + t
+                        scaled = g * s.exp()
+                        g_before, g_s, g_t = scaled, scaled * before, g
+                outputs, grads_out = [t], [g_t]
+                if s is not None:
+                    assert logdet is not None and g_s is not None
+                    outputs += [s, logdet]
+                    grads_out += [g_s, grad_logdet.sum_to_size(logdet.shape)]
+                inputs = (cond, *(wrt[k] for k in mine))
+                pulled = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
+                if pulled[0] is not None:
+                    grads[c] = grads[c] + pulled[0]
+                grads[ch] = g_before
+                for k, grad in zip(mine, pulled[1:]):
+                    if grad is not None:
+                        old = param_grads[k]
+                        param_grads[k] = grad if old is None else old + grad
+                halves[c], halves[ch] = cond.detach(), before
+            return (
+                self.merge(halves[0], halves[1]),
+                self.merge(grads[0], grads[1]),
+                tuple(param_grads),
+            )
+
+        return step_vjp
+
+
 # -- the shared bases -------------------------------------------------------------------------
 class _SplitBlock(InvertibleModule):
     """A block that splits its event along the first axis into ``split_dim`` + the rest."""
@@ -128,8 +331,18 @@ class _SplitBlock(InvertibleModule):
     def _merge(self, x1: Tensor, x2: Tensor) -> Tensor:
         return torch.cat([x1, x2], dim=-self.event_dim)
 
-    def _zero_ladj(self, x: Tensor) -> Tensor:
-        return x.new_zeros(x.shape[: x.dim() - self.event_dim])
+    def as_coupling(self) -> Coupling:
+        raise NotImplementedError
+
+    # every split block is a coupling: the core computes both directions and the log-det
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.as_coupling().forward(x)
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.as_coupling().inverse(y)
+
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.as_coupling().pair_ladj(x, y)
 
     def extra_repr(self) -> str:
         return f"input_dim={self.event_shape}, split_dim={self.split_dim}"
@@ -208,18 +421,9 @@ class AdditiveCoupling(_SplitBlock):
         super().__init__(input_dim, split_dim, cache_size)
         self.nn = nn
 
-    def _call(self, x: Tensor) -> Tensor:
-        x1, x2 = self._split(x)
-        self._remember_ladj(self._zero_ladj(x))
-        return self._merge(x1, x2 + self.nn(x1))
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        y1, y2 = self._split(y)
-        self._remember_ladj(self._zero_ladj(y))
-        return self._merge(y1, y2 - self.nn(y1))
-
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
-        return self._zero_ladj(x)
+    def as_coupling(self) -> Coupling:
+        """One additive update of ``x_2`` by ``nn(x_1)``."""
+        return Coupling(self._split, self._merge, (CouplingUpdate(0, self.nn),), self.event_dim)
 
 
 class AffineCoupling(_SplitBlock):
@@ -258,25 +462,10 @@ class AffineCoupling(_SplitBlock):
         self.nn = nn
         self.log_scale_bound = _check_bound(log_scale_bound)
 
-    def _scale_shift(self, x1: Tensor) -> tuple[Tensor, Tensor]:
-        raw, shift = self.nn(x1)
-        return bounded_log_scale(raw, self.log_scale_bound), shift
-
-    def _call(self, x: Tensor) -> Tensor:
-        x1, x2 = self._split(x)
-        s, t = self._scale_shift(x1)
-        self._remember_ladj(_sum_event(s, self.event_dim))
-        return self._merge(x1, x2 * s.exp() + t)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        y1, y2 = self._split(y)
-        s, t = self._scale_shift(y1)
-        self._remember_ladj(_sum_event(s, self.event_dim))
-        return self._merge(y1, (y2 - t) * torch.exp(-s))
-
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
-        s, _ = self._scale_shift(self._split(x)[0])
-        return _sum_event(s, self.event_dim)
+    def as_coupling(self) -> Coupling:
+        """One affine update of ``x_2`` by ``nn(x_1)`` with the bounded log-scale."""
+        update = CouplingUpdate(0, self.nn, self.log_scale_bound)
+        return Coupling(self._split, self._merge, (update,), self.event_dim)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, log_scale_bound={self.log_scale_bound}"

@@ -146,7 +146,7 @@ class InvertibleDownsampling(InvertibleModule):
         y = y.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2)
         return y.reshape(*batch, *self.event_shape)
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return x.new_zeros(x.shape[:-3])
 
     def extra_repr(self) -> str:
@@ -230,7 +230,7 @@ class ChannelPermutation(InvertibleModule):
     def _inverse(self, y: Tensor) -> Tensor:
         return y.index_select(-self.event_dim, self.inverse_permutation)
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return x.new_zeros(x.shape[: x.dim() - self.event_dim])
 
     def extra_repr(self) -> str:

@@ -64,13 +64,62 @@ class Inverse(TransformModule):
         return self.transform.sign
 
     def _call(self, x: Tensor) -> Tensor:
-        return self.transform._inv_call(x)
+        return self.transform.inv(x)
 
     def _inverse(self, y: Tensor) -> Tensor:
         return self.transform(y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return -self.transform.log_abs_det_jacobian(y, x)
+
+    # the block contract of :class:`~pyro_invres.transforms.InvertibleModule`, by the
+    # wrapped block's (or, for another Pyro transform, by its public methods)
+    def call_and_ladj(self, x: Tensor, cached: bool = True) -> tuple[Tensor, Tensor]:
+        """``(f^{-1}(x), log|det d f^{-1}/dx|)`` for the wrapped ``f``.
+
+        Example:
+            >>> import torch
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> block = affine_coupling(4, [8])
+            >>> x = torch.randn(3, 4)
+            >>> y, ladj = Inverse(block).call_and_ladj(x, cached=False)
+            >>> x2, ladj2 = block.call_and_ladj(y, cached=False)
+            >>> torch.allclose(x2, x, atol=1e-6), torch.allclose(ladj, -ladj2, atol=1e-6)
+            (True, True)
+        """
+        inner = getattr(self.transform, "inverse_and_ladj", None)
+        if inner is not None:
+            out, ladj = inner(x, cached=cached)
+            return out, -ladj
+        out = self.transform.inv(x)
+        return out, -self.transform.log_abs_det_jacobian(out, x)
+
+    def inverse_and_ladj(self, y: Tensor, cached: bool = True) -> tuple[Tensor, Tensor]:
+        """``(f(y), log|det d f^{-1}/dx|)`` at ``x = f(y)`` for the wrapped ``f``.
+
+        Example:
+            >>> import torch
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> x, ladj = Inverse(affine_coupling(4, [8])).inverse_and_ladj(torch.ones(2, 4))
+            >>> x.shape, ladj.shape
+            (torch.Size([2, 4]), torch.Size([2]))
+        """
+        inner = getattr(self.transform, "call_and_ladj", None)
+        if inner is not None:
+            out, ladj = inner(y, cached=cached)
+            return out, -ladj
+        out = self.transform(y)
+        return out, -self.transform.log_abs_det_jacobian(y, out)
+
+    def as_coupling(self) -> None:
+        """``None``: a reversible stack unwraps an ``Inverse`` and runs the block backwards.
+
+        Example:
+            >>> from pyro_invres.transforms import affine_coupling
+            >>> Inverse(affine_coupling(4, [8])).as_coupling() is None
+            True
+        """
+        return None
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         return self.transform.inverse_shape(shape)

@@ -22,8 +22,8 @@ reconstruction and recomputation share one pass of their networks) to ``5/3`` (a
 block: an inversion, then a recomputation) of plain autograd. The log-determinant is summed
 in the same pass and kept for the cached pair, so ``log_abs_det_jacobian`` after a call (or
 inside :class:`~pyro.distributions.TransformedDistribution`) costs nothing. The blocks' own
-caches are bypassed (their ``_call``/``_inverse`` run directly): a block's cache would hold
-its activations and defeat the point.
+caches are bypassed (``call_and_ladj(x, cached=False)``): a block's cache would hold its
+activations and defeat the point.
 
 Blocks must be deterministic functions of their input and parameters, as they run again in
 the backward pass: no dropout, no statistics updated in the forward pass (a data-initialised
@@ -39,179 +39,31 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 
-from ..nn.conditioners import ContextBound
 from ..ops.reversible import (
-    InverseVJP,
     ReversibleStep,
     resolve_checkpoint_every,
     reversible_chain,
 )
 from .base import InvertibleModule
-from .coupling import AdditiveCoupling, AffineCoupling, _sum_event, bounded_log_scale
+from .coupling import _module_tensors
 from .inverse import Inverse
-from .revnet import RevNetBlock
 
 __all__ = ["ReversibleStack", "reversible_stack", "reversible_step"]
 
 
 # -- one block as a step of the chain --------------------------------------------------------------
-def _pop_ladj(block: InvertibleModule, x: Tensor, y: Tensor) -> Tensor:
-    """The log-det of the pair ``block._call``/``_inverse`` just computed; clears the memo."""
-    memo = getattr(block, "_pending_memo", None)
-    block._pending_memo = None  # hold no graph between calls
-    if isinstance(memo, Tensor):
-        return memo
-    return block._log_abs_det_jacobian(x, y, memo)
-
-
-def _block_tensors(block: nn.Module) -> tuple[Tensor, ...]:
-    """Parameters, and the context of conditioned networks (it may require grad)."""
-    found = list(block.parameters())
-    for module in block.modules():
-        context = getattr(module, "context", None) if isinstance(module, ContextBound) else None
-        if isinstance(context, Tensor) and context.requires_grad:
-            found.append(context)
-    return tuple(found)
-
-
-@dataclass(frozen=True)
-class _Stage:
-    """One coupling update: the half ``cond`` feeds ``net``, the other half changes.
-
-    ``bound`` is None for an additive update ``h + t``, else the log-scale bound of an
-    affine one ``h e^s + t``; ``undo`` marks the inverse direction (``(h - t) e^{-s}``).
-    """
-
-    cond: int
-    net: nn.Module
-    bound: float | None
-    undo: bool = False
-    tensor_ids: frozenset[int] = frozenset()  # of what ``net`` reads: parameters, context
-
-    @classmethod
-    def of(cls, cond: int, net: nn.Module, bound: float | None) -> _Stage:
-        return cls(cond, net, bound, tensor_ids=frozenset(map(id, _block_tensors(net))))
-
-    def inverted(self) -> _Stage:
-        return _Stage(self.cond, self.net, self.bound, not self.undo, self.tensor_ids)
-
-    def coefficients(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
-        if self.bound is None:
-            return None, self.net(h)
-        raw, shift = self.net(h)
-        return bounded_log_scale(raw, self.bound), shift
-
-    @staticmethod
-    def couple(h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
-        return h + t if s is None else h * s.exp() + t
-
-    @staticmethod
-    def uncouple(h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
-        return h - t if s is None else (h - t) * torch.exp(-s)
-
-    def apply(self, h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
-        return self.uncouple(h, s, t) if self.undo else self.couple(h, s, t)
-
-    def revert(self, h: Tensor, s: Tensor | None, t: Tensor) -> Tensor:
-        return self.couple(h, s, t) if self.undo else self.uncouple(h, s, t)
-
-    def pullback(
-        self, before: Tensor, after: Tensor, s: Tensor | None, t: Tensor, grad: Tensor
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Gradients of the update ``before -> after`` w.r.t. ``(before, s, t)``, given
-        the gradient of ``after`` (the log-det's share of ``s`` is not included)."""
-        if s is None:  # after = before +- t
-            return grad, None, -grad if self.undo else grad
-        if self.undo:  # after = (before - t) e^{-s}
-            scaled = grad * torch.exp(-s)
-            return scaled, -grad * after, -scaled
-        # after = before e^s + t
-        scaled = grad * s.exp()
-        return scaled, scaled * before, grad
-
-    def logdet(self, s: Tensor | None, event_dim: int) -> Tensor | None:
-        if s is None:
-            return None
-        value = _sum_event(s, event_dim)
-        return -value if self.undo else value
-
-
-def _coupling_stages(block: InvertibleModule, inverse: bool) -> list[_Stage] | None:
-    """The block as coupling updates in the direction run, or None if it is not one."""
-    kind = type(block)
-    if kind is AdditiveCoupling:
-        stages = [_Stage.of(0, block.nn, None)]
-    elif kind is AffineCoupling:
-        stages = [_Stage.of(0, block.nn, block.log_scale_bound)]
-    elif kind is RevNetBlock:
-        bound = block.log_scale_bound if block.affine else None
-        stages = [_Stage.of(1, block.f, bound), _Stage.of(0, block.g, bound)]
-    else:
-        return None
-    return [stage.inverted() for stage in reversed(stages)] if inverse else stages
-
-
-def _fused_inverse_vjp(block: InvertibleModule, stages: list[_Stage]) -> InverseVJP:
-    """Reconstruct a coupling block's input and back-propagate with one pass of each network.
-
-    A coupling update keeps its conditioning half, so the network evaluated at the output's
-    half is the very network evaluated in the forward pass: its outputs undo the update (the
-    reconstruction) and its graph serves the backward pass (no separate inversion).
-    """
-
-    def inverse_vjp(
-        out: Tensor, grad_out: Tensor, grad_logdet: Tensor, wrt: tuple[Tensor, ...]
-    ) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
-        halves = list(block._split(out))
-        grads = list(block._split(grad_out))
-        param_grads: list[Tensor | None] = [None] * len(wrt)
-        for stage in reversed(stages):
-            c, u = stage.cond, 1 - stage.cond
-            mine = [i for i, w in enumerate(wrt) if id(w) in stage.tensor_ids]
-            with torch.enable_grad():  # the backward pass runs with grad mode off
-                cond = halves[c].detach().requires_grad_()
-                s, t = stage.coefficients(cond)
-                logdet = stage.logdet(s, block.event_dim)
-            with torch.no_grad():
-                before = stage.revert(halves[u], s, t)
-                # the update is elementwise in the changed half: its vector-Jacobian
-                # products are closed-form, only the network needs autograd
-                g_before, g_s, g_t = stage.pullback(before, halves[u], s, t, grads[u])
-            outputs, grads_out = [t], [g_t]
-            if s is not None:
-                outputs.append(s)
-                grads_out.append(g_s)
-                assert logdet is not None
-                outputs.append(logdet)
-                grads_out.append(grad_logdet.sum_to_size(logdet.shape))
-            inputs = (cond, *(wrt[i] for i in mine))
-            pulled = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
-            if pulled[0] is not None:
-                grads[c] = grads[c] + pulled[0]
-            grads[u] = g_before
-            for i, grad in zip(mine, pulled[1:]):
-                if grad is not None:
-                    old = param_grads[i]
-                    param_grads[i] = grad if old is None else old + grad
-            halves[c], halves[u] = cond.detach(), before
-        return block._merge(*halves), block._merge(*grads), tuple(param_grads)
-
-    return inverse_vjp
-
-
 def reversible_step(block: nn.Module, *, inverse: bool = False) -> ReversibleStep:
     """A block (or :class:`~pyro_invres.transforms.Inverse` of one) as a chain step.
 
-    The step runs ``block._call`` (``_inverse`` when ``inverse``), bypassing the block's
-    cache and validation, and returns the log-det the block computed on the way (negated
-    for the inverse). Additive and affine couplings and RevNet blocks get a fused backward
-    step (see :mod:`pyro_invres.ops.reversible`).
+    The step runs ``block.call_and_ladj(x, cached=False)`` (``inverse_and_ladj`` when
+    ``inverse``, its log-det negated), bypassing the block's cache and validation. A block
+    whose :meth:`~pyro_invres.transforms.InvertibleModule.as_coupling` describes a
+    coupling (additive and affine couplings, RevNet blocks, any user block) gets a fused
+    backward step (see :mod:`pyro_invres.ops.reversible`).
 
     Arguments:
         block: an :class:`~pyro_invres.transforms.InvertibleModule`, or an ``Inverse`` of one.
@@ -233,27 +85,24 @@ def reversible_step(block: nn.Module, *, inverse: bool = False) -> ReversibleSte
             f"{type(block).__name__}"
         )
 
-    def call_with_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
-        y = block._call(x)
-        return y, _pop_ladj(block, x, y)
-
+    # the blocks' caches and validation are bypassed (``cached=False``): a cache would
+    # hold every block's activations, and the stack validates at its own boundary
     def inverse_with_ladj(y: Tensor) -> tuple[Tensor, Tensor]:
-        x = block._inverse(y)
-        return x, -_pop_ladj(block, x, y)
+        x, ladj = block.inverse_and_ladj(y, cached=False)
+        return x, -ladj
+
+    def call_with_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
+        return block.call_and_ladj(x, cached=False)
 
     def call_only(x: Tensor) -> Tensor:
-        y = block._call(x)
-        block._pending_memo = None
-        return y
+        return block.call(x, cached=False)
 
     def inverse_only(y: Tensor) -> Tensor:
-        x = block._inverse(y)
-        block._pending_memo = None
-        return x
+        return block.inverse(y, cached=False)
 
-    stages = _coupling_stages(block, inverse)
-    fused = None if stages is None else _fused_inverse_vjp(block, stages)
-    params = _block_tensors(block)
+    coupling = block.as_coupling()
+    fused = None if coupling is None else coupling.inverse_vjp(inverse=inverse)
+    params = _module_tensors(block)
     if inverse:
         return ReversibleStep(inverse_with_ladj, call_only, params, fused)
     return ReversibleStep(call_with_ladj, inverse_only, params, fused)
@@ -407,20 +256,15 @@ class ReversibleStack(InvertibleModule):
         state["_steps_cache"] = {}
         return state
 
-    def _call(self, x: Tensor) -> Tensor:
-        y, logdet = reversible_chain(x, self.steps(), checkpoint_every=self.checkpoint_every)
-        self._remember_ladj(logdet)
-        return y
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return reversible_chain(x, self.steps(), checkpoint_every=self.checkpoint_every)
 
-    def _inverse(self, y: Tensor) -> Tensor:
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         steps = self.steps(inverse=True)
         x, logdet = reversible_chain(y, steps, checkpoint_every=self.checkpoint_every)
-        self._remember_ladj(-logdet)
-        return x
+        return x, -logdet
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
-        if isinstance(memo, Tensor):
-            return memo
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         # a pair this stack did not just compute: run the chain again from x
         return reversible_chain(x, self.steps(), checkpoint_every=self.checkpoint_every)[1]
 
@@ -444,7 +288,7 @@ def reversible_stack(
         ...                                         channel_permutation(6))]
         >>> flow = reversible_stack(blocks, checkpoint_every=4)
         >>> x = torch.randn(3, 6)
-        >>> torch.allclose(flow._inverse(flow(x)), x, atol=1e-6)
+        >>> torch.allclose(flow.inverse(flow(x), cached=False), x, atol=1e-6)
         True
     """
     return ReversibleStack(blocks, checkpoint_every=checkpoint_every)

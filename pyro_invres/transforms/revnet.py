@@ -46,18 +46,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..nn.conditioners import make_conditioner
 from .coupling import (
+    Coupling,
+    CouplingUpdate,
     _block_shape,
     _check_bound,
     _check_context_dim,
     _ConditionalBlock,
     _resolve_split,
     _SplitBlock,
-    _sum_event,
-    bounded_log_scale,
 )
 
 __all__ = ["ConditionalRevNetBlock", "RevNetBlock", "conditional_revnet_block", "revnet_block"]
@@ -103,42 +103,11 @@ class RevNetBlock(_SplitBlock):
         self.affine = bool(affine)
         self.log_scale_bound = _check_bound(log_scale_bound)
 
-    def _coefficients(self, net: nn.Module, h: Tensor) -> tuple[Tensor | None, Tensor]:
-        """``(s, t)`` from one network (``s`` is None for the additive block)."""
-        if not self.affine:
-            return None, net(h)
-        raw, shift = net(h)
-        return bounded_log_scale(raw, self.log_scale_bound), shift
-
-    def _ladj(self, s_f: Tensor | None, s_g: Tensor | None, x: Tensor) -> Tensor:
-        if s_f is None or s_g is None:
-            return self._zero_ladj(x)
-        return _sum_event(s_f, self.event_dim) + _sum_event(s_g, self.event_dim)
-
-    def _call(self, x: Tensor) -> Tensor:
-        x1, x2 = self._split(x)
-        s_f, t_f = self._coefficients(self.f, x2)
-        y1 = (x1 if s_f is None else x1 * s_f.exp()) + t_f
-        s_g, t_g = self._coefficients(self.g, y1)
-        y2 = (x2 if s_g is None else x2 * s_g.exp()) + t_g
-        self._remember_ladj(self._ladj(s_f, s_g, x))
-        return self._merge(y1, y2)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        y1, y2 = self._split(y)
-        s_g, t_g = self._coefficients(self.g, y1)
-        x2 = y2 - t_g if s_g is None else (y2 - t_g) * (-s_g).exp()
-        s_f, t_f = self._coefficients(self.f, x2)
-        x1 = y1 - t_f if s_f is None else (y1 - t_f) * (-s_f).exp()
-        self._remember_ladj(self._ladj(s_f, s_g, y))
-        return self._merge(x1, x2)
-
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
-        if not self.affine:
-            return self._zero_ladj(x)
-        s_f, _ = self._coefficients(self.f, self._split(x)[1])
-        s_g, _ = self._coefficients(self.g, self._split(y)[0])
-        return self._ladj(s_f, s_g, x)
+    def as_coupling(self) -> Coupling:
+        """Two updates with the roles swapped: ``x_1`` by ``f(x_2)``, then ``x_2`` by ``g(y_1)``."""
+        bound = self.log_scale_bound if self.affine else None
+        updates = (CouplingUpdate(1, self.f, bound), CouplingUpdate(0, self.g, bound))
+        return Coupling(self._split, self._merge, updates, self.event_dim)
 
     def extra_repr(self) -> str:
         bound = f", log_scale_bound={self.log_scale_bound}" if self.affine else ""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Transform
 
-from .base import InvertibleModule
+from .base import InvertibleModule, LazyLadj
 
 __all__ = ["ChannelSubset"]
 
@@ -62,28 +62,22 @@ class ChannelSubset(InvertibleModule):
             axis, self.active, x.shape[axis] - self.active
         )
 
-    def _call(self, x: Tensor) -> Tensor:
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, LazyLadj]:
         xa, xb = self._split(x)
         ya = self.transform(xa)
-        self._remember_ladj((xa, ya))
-        return self._join(ya, xb)
+        # through the inner transform's own (public) cache: its log-det only when asked
+        return self._join(ya, xb), lambda: self.transform.log_abs_det_jacobian(xa, ya)
 
-    def _inverse(self, y: Tensor) -> Tensor:
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, LazyLadj]:
         ya, yb = self._split(y)
-        xa = self.transform._inv_call(ya)
-        self._remember_ladj((xa, ya))
-        return self._join(xa, yb)
+        xa = self.transform.inv(ya)
+        return self._join(xa, yb), lambda: self.transform.log_abs_det_jacobian(xa, ya)
 
     def _join(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.cat([a, b], dim=a.dim() - self.event_dim)
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
-        if memo is None:
-            xa, _ = self._split(x)
-            ya, _ = self._split(y)
-        else:
-            xa, ya = memo  # type: ignore[misc]
-        return self.transform.log_abs_det_jacobian(xa, ya)
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.transform.log_abs_det_jacobian(self._split(x)[0], self._split(y)[0])
 
     def extra_repr(self) -> str:
         return f"active={self.active}, num_channels={self.event_shape[0]}"
