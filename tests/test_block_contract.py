@@ -192,3 +192,35 @@ def test_a_block_implementing_neither_form_is_refused_at_construction():
 
     with pytest.raises(TypeError, match="must implement _call or _call_and_ladj"):
         Empty((2,))
+
+
+def test_our_affine_coupling_does_not_take_pyros_class_name():
+    import pyro.distributions.transforms as pyro_transforms
+
+    import pyro_invres
+    from pyro_invres.transforms import BoundedAffineCoupling, coupling
+
+    assert not hasattr(pyro_invres, "AffineCoupling")
+    assert not hasattr(pyro_invres, "ConditionalAffineCoupling")
+    assert BoundedAffineCoupling.__name__ != pyro_transforms.AffineCoupling.__name__
+    # a module pickled under the old name still loads, with a warning naming the new one
+    with pytest.warns(DeprecationWarning, match="now BoundedAffineCoupling"):
+        assert coupling.AffineCoupling is BoundedAffineCoupling
+
+
+@pytest.mark.parametrize("factory", ["conditional_affine_coupling", "conditional_revnet_block"])
+def test_a_conditional_coupling_around_a_float64_network_builds_and_runs(factory):
+    from pyro_invres import transforms
+
+    make = getattr(transforms, factory)
+    template = make(4, 3, [8])
+    nets = {name: getattr(template, name).to(F64) for name in template.net_names}
+    options = dict(template.options)
+    block = type(template)(*nets.values(), 4, **options)
+    assert all(p.dtype == F64 for p in block.parameters())
+    context = torch.randn(3, dtype=F64)
+    x = torch.randn(5, 4, dtype=F64)
+    y, ladj = block.condition(context).call_and_ladj(x)
+    assert y.dtype == ladj.dtype == F64
+    x2, _ = block.condition(context).inverse_and_ladj(y, cached=False)
+    torch.testing.assert_close(x2, x)

@@ -15,9 +15,9 @@ from torch.autograd.functional import jacobian
 from pyro_invres.nn.conditioners import ContextBound, default_hidden_dims, make_conditioner
 from pyro_invres.transforms.coupling import (
     AdditiveCoupling,
-    AffineCoupling,
+    BoundedAffineCoupling,
     ConditionalAdditiveCoupling,
-    ConditionalAffineCoupling,
+    ConditionalBoundedAffineCoupling,
     additive_coupling,
     affine_coupling,
     bounded_log_scale,
@@ -247,11 +247,11 @@ def test_context_batch_broadcasts():
 
 def test_classes_take_any_network():
     net = make_conditioner(1, 2, [4], num_outputs=2)
-    assert isinstance(AffineCoupling(net, 3, split_dim=1), AffineCoupling)
+    assert isinstance(BoundedAffineCoupling(net, 3, split_dim=1), BoundedAffineCoupling)
     assert isinstance(AdditiveCoupling(make_conditioner(2, 2, [4]), 4), AdditiveCoupling)
     f, g = make_conditioner(2, 2, [4]), make_conditioner(2, 2, [4])
     assert RevNetBlock(f, g, 4).event_shape == (4,)
-    for cls in (ConditionalAdditiveCoupling, ConditionalAffineCoupling):
+    for cls in (ConditionalAdditiveCoupling, ConditionalBoundedAffineCoupling):
         assert cls(make_conditioner(2, 2, [4], context_dim=1), 4).event_shape == (4,)
     assert ConditionalRevNetBlock(f, g, 4, affine=True).condition(torch.zeros(1)).affine
 

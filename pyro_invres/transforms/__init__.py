@@ -5,9 +5,9 @@ from .base import InvertibleModule
 from .conv1x1 import InvertibleConv1x1, invertible_conv1x1
 from .coupling import (
     AdditiveCoupling,
-    AffineCoupling,
+    BoundedAffineCoupling,
     ConditionalAdditiveCoupling,
-    ConditionalAffineCoupling,
+    ConditionalBoundedAffineCoupling,
     additive_coupling,
     affine_coupling,
     conditional_additive_coupling,
@@ -34,11 +34,11 @@ from .subset import ChannelSubset
 __all__ = [
     "ActNorm",
     "AdditiveCoupling",
-    "AffineCoupling",
+    "BoundedAffineCoupling",
     "ChannelPermutation",
     "ChannelSubset",
     "ConditionalAdditiveCoupling",
-    "ConditionalAffineCoupling",
+    "ConditionalBoundedAffineCoupling",
     "ConditionalInvertibleResidual",
     "ConditionalRevNetBlock",
     "Inverse",

@@ -48,9 +48,9 @@ from .base import InvertibleModule, as_event_shape
 
 __all__ = [
     "AdditiveCoupling",
-    "AffineCoupling",
+    "BoundedAffineCoupling",
     "ConditionalAdditiveCoupling",
-    "ConditionalAffineCoupling",
+    "ConditionalBoundedAffineCoupling",
     "additive_coupling",
     "affine_coupling",
     "bounded_log_scale",
@@ -349,11 +349,13 @@ class _SplitBlock(InvertibleModule):
 
 
 class _ConditionalBlock(ConditionalTransformModule):
-    """The body of every conditional twin here: conditional networks, bound on ``condition``.
+    """The one conditional mechanism of the coupling family (Pyro's ``condition`` pattern).
 
     ``nets`` maps the unconditional block's network arguments (``nn``, or ``f`` and ``g``)
     to conditional networks ``net(x, context=c)``; ``.condition(context)`` builds a
     ``block`` whose networks are these with the context bound, so parameters are shared.
+    Nothing runs at construction (no dummy context): the options are checked by building
+    the block around the unbound networks, so any dtype and device work.
     """
 
     bijective = True
@@ -368,9 +370,8 @@ class _ConditionalBlock(ConditionalTransformModule):
             self.add_module(name, net)
         self.event_shape = _block_shape(input_dim)
         self.options = options
-        # build one conditioned block now so that bad options fail here, not at first use
-        dims = self._context_dims()
-        self.condition(torch.zeros(dims[0] if dims else 1))
+        # bad options fail here, not at first use; building the block runs no network
+        self.block(input_dim=self.event_shape, **nets, **options)
 
     def _context_dims(self) -> list[int]:
         """The context sizes the networks declare (Pyro's unconditional DenseNN says 0)."""
@@ -426,8 +427,12 @@ class AdditiveCoupling(_SplitBlock):
         return Coupling(self._split, self._merge, (CouplingUpdate(0, self.nn),), self.event_dim)
 
 
-class AffineCoupling(_SplitBlock):
+class BoundedAffineCoupling(_SplitBlock):
     """Affine coupling ``y_2 = x_2 e^{s(x_1)} + t(x_1)`` with a bounded log-scale.
+
+    Named apart from Pyro's ``pyro.distributions.transforms.AffineCoupling`` (a different
+    signature and an unbounded, clipped log-scale); the old name here still unpickles, with
+    a ``DeprecationWarning``.
 
     Arguments:
         nn: the conditioner, mapping ``x_1`` to a pair ``(raw, t)`` of tensors shaped like
@@ -501,10 +506,10 @@ class ConditionalAdditiveCoupling(_ConditionalBlock):
         super().__init__({"nn": nn}, input_dim, split_dim=split_dim, cache_size=cache_size)
 
 
-class ConditionalAffineCoupling(_ConditionalBlock):
-    """The conditional twin of :class:`AffineCoupling`: ``s, t`` also depend on a context.
+class ConditionalBoundedAffineCoupling(_ConditionalBlock):
+    """The conditional twin of :class:`BoundedAffineCoupling`: ``s, t`` also see a context.
 
-    ``.condition(context)`` returns an :class:`AffineCoupling` sharing the parameters.
+    ``.condition(context)`` returns a :class:`BoundedAffineCoupling` sharing the parameters.
 
     Arguments:
         nn: a conditional conditioner returning ``(raw, t)`` from ``(x_1, context=c)``.
@@ -522,7 +527,7 @@ class ConditionalAffineCoupling(_ConditionalBlock):
         torch.Size([5, 2, 4, 4])
     """
 
-    block = AffineCoupling
+    block = BoundedAffineCoupling
 
     def __init__(
         self,
@@ -539,6 +544,28 @@ class ConditionalAffineCoupling(_ConditionalBlock):
             log_scale_bound=log_scale_bound,
             cache_size=cache_size,
         )
+
+
+# -- renamed classes (kept for modules pickled before the rename) --------------------------------
+_RENAMED = {
+    "AffineCoupling": "BoundedAffineCoupling",
+    "ConditionalAffineCoupling": "ConditionalBoundedAffineCoupling",
+}
+
+
+def __getattr__(name: str) -> object:
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(
+        f"pyro_invres.transforms.coupling.{name} is now {new} (Pyro's {name} is a different "
+        "class); the old name will be removed",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return globals()[new]
 
 
 # -- the factories --------------------------------------------------------------------------------
@@ -603,8 +630,8 @@ def affine_coupling(
     log_scale_bound: float = 2.0,
     activation: str = "relu",
     cache_size: int = 1,
-) -> AffineCoupling:
-    """Build an :class:`AffineCoupling` with a zero-initialised conditioner.
+) -> BoundedAffineCoupling:
+    """Build a :class:`BoundedAffineCoupling` with a zero-initialised conditioner.
 
     Arguments:
         input_dim: ``D`` (vectors) or ``(C, H, W)`` (images, split over channels).
@@ -622,7 +649,7 @@ def affine_coupling(
         True
     """
     return _build_coupling(
-        AffineCoupling,
+        BoundedAffineCoupling,
         input_dim,
         hidden_dims,
         split_dim,
@@ -680,8 +707,8 @@ def conditional_affine_coupling(
     log_scale_bound: float = 2.0,
     activation: str = "relu",
     cache_size: int = 1,
-) -> ConditionalAffineCoupling:
-    """Build a :class:`ConditionalAffineCoupling` (arguments as :func:`affine_coupling`).
+) -> ConditionalBoundedAffineCoupling:
+    """Build a :class:`ConditionalBoundedAffineCoupling` (arguments as :func:`affine_coupling`).
 
     Arguments:
         input_dim: ``D`` or ``(C, H, W)``.
@@ -699,7 +726,7 @@ def conditional_affine_coupling(
         torch.Size([5, 4])
     """
     return _build_coupling(
-        ConditionalAffineCoupling,
+        ConditionalBoundedAffineCoupling,
         input_dim,
         hidden_dims,
         split_dim,
