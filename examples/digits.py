@@ -698,10 +698,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results[name]["logdet_train"] = TRAIN_LOGDET
             results[name]["logdet_test"] = EVAL_LOGDET
             first = model.residual_blocks()[0]
+            est = first.estimator  # the training estimator (set back after evaluation)
             results[name]["block_options"] = {
-                k: getattr(first, k)
-                for k in ("lipschitz", "n_probes", "probe", "n_exact_terms", "roulette")
-            } | {"roulette_param": first.roulette_param, "solver": first.solver}
+                "lipschitz": first.lipschitz,
+                "n_probes": est.n_probes,
+                "probe": est.probe,
+                "n_exact_terms": est.n_exact_terms,
+                "roulette": est.distribution,
+                "roulette_param": est.param,
+                "solver": first.solver.method,
+            }
             results[name]["residual_block_dims"] = [
                 math.prod(b.event_shape) for b in model.residual_blocks()
             ]

@@ -16,6 +16,8 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 
+from .ops.logdet import ESTIMATOR_TYPES
+
 __all__ = ["evaluate_nll", "inverse_iterations", "make_density"]
 
 
@@ -64,7 +66,8 @@ def _logdet_method(flow: torch.nn.Module, method: str | None) -> Iterator[None]:
     saved = []
     if method is not None:
         for module in flow.modules():
-            if isinstance(getattr(module, "logdet", None), str):
+            # an i-ResNet's estimator is an object (or, in blocks of other kinds, a name)
+            if isinstance(getattr(module, "logdet", None), (str, *ESTIMATOR_TYPES)):
                 saved.append((module, module.logdet))
                 module.logdet = method
     try:

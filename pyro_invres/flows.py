@@ -179,8 +179,8 @@ def residual_flow(
     *,
     explicit: str = "forward",
     actnorm: bool = True,
-    num_scales: int = 2,
-    factor_out: bool = True,
+    num_scales: int | None = None,
+    factor_out: bool | None = None,
     **kwargs: object,
 ) -> ComposeTransformModule:
     """A residual flow: i-ResNet blocks interleaved with data-initialised ActNorm.
@@ -203,9 +203,11 @@ def residual_flow(
         explicit: ``"forward"`` (variational posteriors: cheap sampling) or ``"inverse"``
             (density estimation: cheap scoring); applies to every block.
         actnorm: put an :class:`~pyro_invres.transforms.ActNorm` with each block.
-        num_scales: images only: the number of squeezes.
-        factor_out: images only: factor out half the channels after each scale but the last.
-        **kwargs: options of :func:`~pyro_invres.iresnet` (``lipschitz``, ``logdet``, ...).
+        num_scales: images only: the number of squeezes (default 2).
+        factor_out: images only: factor out half the channels after each scale but the
+            last (default True).
+        **kwargs: options of :func:`~pyro_invres.iresnet` (``lipschitz``, ``logdet``,
+            ``solver``, ``activation``, ...), the same for every block.
 
     Example:
         >>> from functools import partial
@@ -231,7 +233,12 @@ def residual_flow(
             block = iresnet(s, hidden_dims, explicit=flipped[explicit], **kwargs)
             return [ActNorm(s[0], event_dim=3), block] if actnorm else [block]
 
+        num_scales = 2 if num_scales is None else num_scales
+        factor_out = True if factor_out is None else factor_out
         return _multiscale(input_dim, num_scales, int(num_blocks), step, factor_out)
+    for name, value in (("num_scales", num_scales), ("factor_out", factor_out)):
+        if value is not None:  # an image-only option must not be silently ignored
+            raise ValueError(f"{name} applies to image flows, input_dim=(C, H, W); got {input_dim}")
     parts = []
     for _ in range(int(num_blocks)):
         parts.append(iresnet(input_dim, hidden_dims, explicit=explicit, **kwargs))

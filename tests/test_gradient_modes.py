@@ -11,7 +11,9 @@ from pyro_invres import iresnet
 
 def block(mode, logdet="roulette", seed=0, dim=5):
     torch.manual_seed(seed)
-    b = iresnet(dim, [24], logdet=logdet, gradient=mode, n_exact_terms=2).double()
+    # an exact log-det takes no estimator options (they would not apply)
+    options = {} if logdet == "exact" else {"gradient": mode, "n_exact_terms": 2}
+    b = iresnet(dim, [24], logdet=logdet, **options).double()
     inflate(b.nn, 3.0)
     return b
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_invres import conditional_iresnet, iresnet
-from pyro_invres.ops import residual_inverse, solve_fixed_point
+from pyro_invres.ops import FixedPoint, residual_inverse, solve_fixed_point
 
 
 def _arctan_problem(c=0.99):
@@ -100,7 +100,7 @@ def test_newton_block_round_trip_and_gradcheck(explicit):
     params = [p for p in block.parameters() if p.requires_grad]
     y = x.detach()
     g_newton = torch.autograd.grad((side(y) ** 3).sum(), params, allow_unused=True)
-    block.solver_options["method"] = "fixed_point"
+    block.solver = FixedPoint(**vars(block.solver))  # same tolerances, Banach steps
     g_fixed = torch.autograd.grad((side(y) ** 3).sum(), params, allow_unused=True)
     for a, b in zip(g_newton, g_fixed):
         if a is not None:

@@ -26,6 +26,7 @@ from pyro_invres import (
 )
 from pyro_invres.flows import base_shape
 from pyro_invres.ops import (
+    FixedPoint,
     default_tolerances,
     logdet_exact,
     logdet_from_jacobian,
@@ -251,7 +252,8 @@ def test_accelerated_block_inverse_matches_float64_fixed_point(solver):
     with torch.no_grad():
         x = block._inverse(y)
         ref = copy.deepcopy(block).double()
-        ref.solver_options["method"] = "fixed_point"
+        s = ref.solver  # the same tolerances, with Banach steps
+        ref.solver = FixedPoint(atol=s.atol, rtol=s.rtol, max_iter=s.max_iter, strict=s.strict)
         x64 = ref._inverse(y.double())
     assert block.solve_stats.last.converged
     assert float(_true_error(x, x64).max()) < 1e-3 * (1 + float(x64.norm(dim=-1).max()))

@@ -19,7 +19,7 @@ def test_lipschitz_outside_open_unit_interval(c):
     [
         ("explicit", "sideways"),
         ("logdet", "magic"),
-        ("activation", "relu"),
+        ("activation", "swish"),
         ("solver", "broyden"),
         ("roulette", "binomial"),
         ("probe", "uniform"),

@@ -1,6 +1,6 @@
 """Networks for invertible blocks: Lipschitz-constrained branches and coupling conditioners."""
 
-from .activations import LipELU, LipSine, LipSwish, make_activation
+from .activations import LipELU, LipReLU, LipSine, LipSwish, make_activation
 from .conditioners import (
     ConditionalConvConditioner,
     ContextBound,
@@ -25,6 +25,7 @@ __all__ = [
     "ConvConditioner",
     "ConvSpectralNormScale",
     "LipELU",
+    "LipReLU",
     "LipSine",
     "LipSwish",
     "LipschitzCNN",

@@ -26,6 +26,7 @@ __all__ = [
     "CLipSwish",
     "LipSwish",
     "LipELU",
+    "LipReLU",
     "LipSine",
     "make_activation",
     "expansion",
@@ -101,6 +102,24 @@ class LipELU(nn.ELU):
         """``(elu(x), tangents diag(elu'(x)))``: ``elu'(x) = 1`` for ``x > 0``, else ``e^x``."""
         slope = torch.where(x > 0, torch.ones_like(x), torch.exp(torch.clamp(x, max=0.0)))
         return F.elu(x), slope.unsqueeze(-2) * tangents
+
+
+class LipReLU(nn.ReLU):
+    """ReLU (1-Lipschitz; its slope jumps at 0, so prefer a smooth activation in a residual branch).
+
+    Example:
+        >>> import torch
+        >>> LipReLU()(torch.tensor([-1.0, 1.0]))
+        tensor([0., 1.])
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """``(relu(x), tangents diag(relu'(x)))`` with ``relu'(0) = 0`` (autograd's choice)."""
+        slope = (x > 0).to(x.dtype)
+        return F.relu(x), slope.unsqueeze(-2) * tangents
 
 
 class CLipSwish(nn.Module):
@@ -199,11 +218,20 @@ class LipSine(nn.Module):
         return torch.sin(wx) / omega, torch.cos(wx).unsqueeze(-2) * tangents
 
 
-ACTIVATIONS = {"lipswish": LipSwish, "clipswish": CLipSwish, "elu": LipELU, "sine": LipSine}
+#: The one activation vocabulary of the package: a name means the same function in an
+#: i-ResNet branch and in a coupling conditioner (``"elu"`` is ELU with ``alpha = 1``
+#: everywhere). All are 1-Lipschitz.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "lipswish": LipSwish,
+    "clipswish": CLipSwish,
+    "elu": LipELU,
+    "relu": LipReLU,
+    "sine": LipSine,
+}
 
 
 def make_activation(name: str, **kwargs: object) -> nn.Module:
-    """Build an activation by name (``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``).
+    """Build an activation by name, a key of :data:`ACTIVATIONS`.
 
     ``kwargs`` are the activation's options (``beta`` for the two Swish variants,
     ``omega`` for the sine). ``dim``

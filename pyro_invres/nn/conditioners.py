@@ -32,6 +32,8 @@ from pyro.distributions import is_validation_enabled
 from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import Tensor, nn
 
+from .activations import ACTIVATIONS, expansion, make_activation
+
 __all__ = [
     "ConditionalConvConditioner",
     "ContextBound",
@@ -40,13 +42,20 @@ __all__ = [
     "make_conditioner",
 ]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU}
-
 
 def _activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {tuple(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    # the package's one vocabulary (nn.activations.ACTIVATIONS), less the activations that
+    # change the width, which a conditioner's fixed layer sizes cannot take
+    names = tuple(k for k, v in ACTIVATIONS.items() if getattr(v, "expansion", 1) == 1)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {names}")
+    act = make_activation(name)
+    if expansion(act) != 1:
+        raise ValueError(
+            f"activation {name!r} changes the width, which a conditioner cannot take; "
+            f"expected one of {names}"
+        )
+    return act
 
 
 def _shape(in_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -136,7 +145,8 @@ class ConvConditioner(nn.Module):
         out_channels: channels of each output.
         hidden_dims: channels of the hidden layers.
         num_outputs: how many outputs (``k``); the last layer has ``k * out_channels``.
-        activation: ``"relu"`` or ``"elu"``.
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`
+            (``"relu"``, ``"elu"``, ...; not ``"clipswish"``).
 
     Example:
         >>> import torch
@@ -196,7 +206,8 @@ class ConditionalConvConditioner(ConvConditioner):
         out_channels: channels of each output.
         hidden_dims: channels of the hidden layers.
         num_outputs: how many outputs.
-        activation: ``"relu"`` or ``"elu"``.
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`
+            (``"relu"``, ``"elu"``, ...; not ``"clipswish"``).
 
     Example:
         >>> import torch
@@ -331,7 +342,8 @@ def make_conditioner(
             :func:`default_hidden_dims`.
         context_dim: the dimension of a context vector; 0 builds an unconditional network.
         num_outputs: how many outputs (2 for a scale and a shift).
-        activation: ``"relu"`` or ``"elu"``.
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`
+            (``"relu"``, ``"elu"``, ...; not ``"clipswish"``).
 
     Returns:
         ``net(x)`` (or ``net(x, context=c)`` when ``context_dim > 0``) returning one tensor,

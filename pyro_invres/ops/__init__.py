@@ -2,14 +2,21 @@
 
 from .fixed_point import (
     SOLVER_METHODS,
+    Anderson,
     ConvergenceError,
     ConvergenceWarning,
+    FixedPoint,
+    Newton,
     SolveInfo,
     default_tolerances,
     solve_fixed_point,
 )
 from .implicit import residual_inverse
 from .logdet import (
+    Auto,
+    Exact,
+    Roulette,
+    Series,
     logdet_exact,
     logdet_from_jacobian,
     logdet_roulette,
@@ -22,8 +29,15 @@ from .logdet import (
 
 __all__ = [
     "SOLVER_METHODS",
+    "Anderson",
+    "Auto",
     "ConvergenceError",
     "ConvergenceWarning",
+    "Exact",
+    "FixedPoint",
+    "Newton",
+    "Roulette",
+    "Series",
     "SolveInfo",
     "default_tolerances",
     "logdet_exact",

@@ -49,12 +49,17 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Anderson",
     "ConvergenceError",
+    "FixedPoint",
+    "Newton",
+    "SolverName",
     "ConvergenceWarning",
     "SolveInfo",
     "default_tolerances",
@@ -63,6 +68,8 @@ __all__ = [
 ]
 
 SOLVER_METHODS = ("fixed_point", "anderson", "newton")
+#: the string shorthands a block accepts for its solver
+SolverName = Literal["fixed_point", "anderson", "newton"]
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -181,6 +188,122 @@ def _check_tolerance(name: str, value: object) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Banach iteration ``x <- f(x)`` with the Banach stopping rule: an i-ResNet's default solver.
+
+    The solver objects (:class:`FixedPoint`, :class:`Anderson`, :class:`Newton`) carry the
+    options of the iterative side of an i-ResNet block; the strings ``"fixed_point"``,
+    ``"anderson"`` and ``"newton"`` stand for them with their defaults.
+
+    Attributes:
+        atol: absolute tolerance (default: from the dtype, :func:`default_tolerances`).
+        rtol: relative tolerance (default: from the dtype).
+        max_iter: the most iterations of one solve.
+        strict: raise :class:`ConvergenceError` rather than warn when a solve fails.
+        warm_start: in training, after the parameters changed, start from the last cached
+            solution where that is closer than a cold start (never between two optimizer
+            steps nor in evaluation, so results do not depend on call history there).
+
+    Example:
+        >>> FixedPoint(atol=1e-6, max_iter=200).options()["max_iter"]
+        200
+        >>> FixedPoint(rtol=float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: rtol must be a finite number >= 0, got nan
+    """
+
+    method: ClassVar[str] = "fixed_point"
+    atol: float | None = None
+    rtol: float | None = None
+    max_iter: int = 1000
+    strict: bool = False
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "atol", _check_tolerance("atol", self.atol))
+        object.__setattr__(self, "rtol", _check_tolerance("rtol", self.rtol))
+        if isinstance(self.max_iter, bool) or int(self.max_iter) != self.max_iter:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        object.__setattr__(self, "max_iter", int(self.max_iter))
+        object.__setattr__(self, "strict", bool(self.strict))
+        object.__setattr__(self, "warm_start", bool(self.warm_start))
+
+    def options(self) -> dict[str, object]:
+        """The keyword arguments of :func:`solve_fixed_point` this object stands for."""
+        return {
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "max_iter": self.max_iter,
+            "method": self.method,
+            "strict": self.strict,
+        }
+
+
+@dataclass(frozen=True)
+class Anderson(FixedPoint):
+    """Anderson-accelerated iteration (mixes the last ``history`` iterates).
+
+    Attributes:
+        history: how many past iterates are mixed (``m`` of Walker & Ni).
+
+    Example:
+        >>> Anderson(history=3).options()["method"]
+        'anderson'
+    """
+
+    method: ClassVar[str] = "anderson"
+    history: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.history, bool) or int(self.history) != self.history or self.history < 1:
+            raise ValueError(f"history must be an integer >= 1, got {self.history!r}")
+        object.__setattr__(self, "history", int(self.history))
+
+    def options(self) -> dict[str, object]:
+        """The keyword arguments of :func:`solve_fixed_point` this object stands for."""
+        return {**super().options(), "history": self.history}
+
+
+@dataclass(frozen=True)
+class Newton(FixedPoint):
+    """Safeguarded Newton steps from a carried Jacobian (vector events, small ``D``).
+
+    An i-ResNet block takes it only with a network that offers ``forward_with_jacobian``
+    (such as :class:`~pyro_invres.nn.LipschitzMLP`) and carries no forward hooks (the
+    carried-Jacobian pass bypasses ``Module.__call__``, so hooks would not run).
+
+    Example:
+        >>> Newton(max_iter=50).options()["method"]
+        'newton'
+    """
+
+    method: ClassVar[str] = "newton"
+
+
+_SOLVERS: dict[str, type[FixedPoint]] = {
+    "fixed_point": FixedPoint,
+    "anderson": Anderson,
+    "newton": Newton,
+}
+
+
+def as_solver(solver: object) -> FixedPoint:
+    """A solver object from an object or its string shorthand (a clear error otherwise)."""
+    if isinstance(solver, FixedPoint):
+        return solver
+    if isinstance(solver, str) and solver in _SOLVERS:
+        return _SOLVERS[solver]()
+    raise ValueError(
+        f"unknown solver {solver!r}; expected one of {SOLVER_METHODS} or a "
+        "FixedPoint/Anderson/Newton object"
+    )
 
 
 def _bound_factor(contraction: float | None) -> float:

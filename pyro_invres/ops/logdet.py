@@ -31,11 +31,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Auto",
+    "Exact",
+    "LogdetName",
+    "Roulette",
+    "Series",
     "make_vjp",
     "logdet_exact",
     "logdet_from_jacobian",
@@ -51,6 +58,176 @@ __all__ = [
 PROBES = ("gaussian", "rademacher")
 ROULETTE_DISTRIBUTIONS = ("geometric", "poisson")
 Vjp = Callable[[Tensor], Tensor]
+#: the string shorthands a block accepts for its log-det estimator
+LogdetName = Literal["auto", "exact", "series", "roulette"]
+Probe = Literal["gaussian", "rademacher"]
+#: how a stochastic log-det is differentiated (see :class:`Series`)
+Gradient = Literal["neumann", "backprop", "forward"]
+GRADIENTS = ("neumann", "backprop", "forward")
+
+
+def _count(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+@dataclass(frozen=True)
+class Exact:
+    """The exact log-det: the full Jacobian (``D`` vector-Jacobian products, or carried).
+
+    Deterministic and always back-propagated; costs grow with ``D``, so it suits small
+    events. The string ``"exact"`` stands for it.
+
+    Example:
+        >>> Exact().name
+        'exact'
+    """
+
+    name: ClassVar[str] = "exact"
+
+
+@dataclass(frozen=True)
+class Series:
+    """The truncated power series with Hutchinson probes (biased by the truncation).
+
+    Attributes:
+        n_terms: terms of the series.
+        n_probes: Hutchinson probes per sample.
+        probe: ``"gaussian"`` or ``"rademacher"``.
+        gradient: ``"neumann"`` (default): the Neumann-series gradient, memory flat in
+            the number of terms; ``"backprop"``: through every term; ``"forward"``: the
+            Neumann gradient computed in the forward pass and its graph freed at once
+            (lowest peak memory). The value is always the estimate, never a surrogate.
+
+    Example:
+        >>> Series(n_terms=5, probe="rademacher").n_terms
+        5
+        >>> Series(probe="uniform")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown probe 'uniform'; expected one of ('gaussian', 'rademacher')
+    """
+
+    name: ClassVar[str] = "series"
+    n_terms: int = 10
+    n_probes: int = 1
+    probe: Probe = "gaussian"
+    gradient: Gradient = "neumann"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_terms", _count("n_terms", self.n_terms, 1))
+        object.__setattr__(self, "n_probes", _count("n_probes", self.n_probes, 1))
+        _one_of("probe", self.probe, PROBES)
+        _one_of("gradient", self.gradient, GRADIENTS)
+
+
+@dataclass(frozen=True)
+class Roulette:
+    """The unbiased Russian-roulette estimator (Chen et al. 2019).
+
+    Attributes:
+        n_exact_terms: terms always computed.
+        distribution: ``"geometric"`` or ``"poisson"``, the law of the extra terms.
+        param: ``p`` of the geometric law (in ``(0, 1)``) or ``lambda`` of the Poisson.
+        n_probes: Hutchinson probes per sample.
+        probe: ``"gaussian"`` or ``"rademacher"``.
+        gradient: as for :class:`Series`.
+
+    Example:
+        >>> Roulette(n_exact_terms=4, distribution="poisson", param=2.0).param
+        2.0
+        >>> Roulette(param=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: param (geometric p) must lie in (0, 1), got 1.5
+    """
+
+    name: ClassVar[str] = "roulette"
+    n_exact_terms: int = 2
+    distribution: Literal["geometric", "poisson"] = "geometric"
+    param: float = 0.5
+    n_probes: int = 1
+    probe: Probe = "gaussian"
+    gradient: Gradient = "neumann"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_exact_terms", _count("n_exact_terms", self.n_exact_terms, 0))
+        object.__setattr__(self, "n_probes", _count("n_probes", self.n_probes, 1))
+        _one_of("distribution", self.distribution, ROULETTE_DISTRIBUTIONS)
+        _one_of("probe", self.probe, PROBES)
+        _one_of("gradient", self.gradient, GRADIENTS)
+        param = float(self.param)
+        if self.distribution == "geometric" and not 0.0 < param < 1.0:
+            raise ValueError(f"param (geometric p) must lie in (0, 1), got {self.param}")
+        if self.distribution == "poisson" and not (param > 0.0 and math.isfinite(param)):
+            raise ValueError(f"param (poisson lambda) must be > 0, got {self.param}")
+        object.__setattr__(self, "param", param)
+
+
+@dataclass(frozen=True)
+class Auto:
+    """:class:`Exact` up to ``max_exact_dim`` event dimensions, ``otherwise`` above.
+
+    A block resolves it once, from its event shape: an ``otherwise`` estimator other than
+    the default cannot apply to a block that resolves to exact, and the block says so.
+
+    Attributes:
+        max_exact_dim: the largest ``D`` for which the log-det is exact.
+        otherwise: the stochastic estimator above it (default :class:`Roulette`).
+
+    Example:
+        >>> Auto().resolve(2)
+        Exact()
+        >>> Auto(otherwise=Series(n_terms=4)).resolve(100).n_terms
+        4
+    """
+
+    name: ClassVar[str] = "auto"
+    max_exact_dim: int = 16
+    otherwise: Series | Roulette = field(default_factory=Roulette)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_exact_dim", _count("max_exact_dim", self.max_exact_dim, 0))
+        if not isinstance(self.otherwise, (Series, Roulette)):
+            raise ValueError(
+                "Auto(otherwise=...) must be a Series or Roulette estimator, "
+                f"got {self.otherwise!r}"
+            )
+
+    def resolve(self, dim: int) -> Exact | Series | Roulette:
+        """The estimator for an event of ``dim`` dimensions."""
+        return Exact() if dim <= self.max_exact_dim else self.otherwise
+
+
+#: a log-det estimator object
+Estimator = Exact | Series | Roulette | Auto
+ESTIMATOR_TYPES = (Exact, Series, Roulette, Auto)
+_ESTIMATORS: dict[str, type] = {
+    "auto": Auto,
+    "exact": Exact,
+    "series": Series,
+    "roulette": Roulette,
+}
+
+
+def as_estimator(logdet: object) -> Estimator:
+    """An estimator object from an object or its string shorthand (a clear error otherwise)."""
+    if isinstance(logdet, (Exact, Series, Roulette, Auto)):
+        return logdet
+    if isinstance(logdet, str) and logdet in _ESTIMATORS:
+        return _ESTIMATORS[logdet]()
+    raise ValueError(
+        f"unknown logdet {logdet!r}; expected one of {tuple(_ESTIMATORS)} or an "
+        "Exact/Series/Roulette/Auto object"
+    )
 
 
 def make_vjp(x: Tensor, gx: Tensor, create_graph: bool) -> Vjp:

@@ -23,11 +23,21 @@ Third derivatives, the second derivatives of a Neumann-gradient log-det, and
 :mod:`torch.func` transforms of the iterative side (``vmap``, ``jacrev``) raise a clear
 error instead (``torch.autograd.functional.jacobian`` works there).
 
-Log-det estimators (``logdet=``): ``"exact"`` (the full Jacobian, from ``D``
+Options are small typed objects, each carrying its own settings; a string stands for the
+object with its defaults. Log-det estimators (``logdet=``, :mod:`pyro_invres.ops.logdet`):
+:class:`~pyro_invres.ops.Exact` (``"exact"``: the full Jacobian, from ``D``
 vector-Jacobian products or carried forward by a network that offers
-``forward_with_jacobian``: small ``D``), ``"series"`` (truncated power series with
-Hutchinson probes; biased), ``"roulette"`` (unbiased Russian roulette), ``"auto"`` (exact
-up to ``exact_max_dim`` dimensions, roulette above).
+``forward_with_jacobian``: small ``D``), :class:`~pyro_invres.ops.Series` (``"series"``:
+truncated power series with Hutchinson probes; biased), :class:`~pyro_invres.ops.Roulette`
+(``"roulette"``: unbiased Russian roulette), :class:`~pyro_invres.ops.Auto` (``"auto"``:
+exact up to ``max_exact_dim`` dimensions, roulette above). Solvers of the iterative side
+(``solver=``, :mod:`pyro_invres.ops.fixed_point`): :class:`~pyro_invres.ops.FixedPoint`,
+:class:`~pyro_invres.ops.Anderson`, :class:`~pyro_invres.ops.Newton`. An option that
+cannot apply to the block is an error, never silently ignored.
+
+The flat keywords of earlier versions (``n_probes=``, ``atol=``, ``exact_max_dim=``, ...)
+are still accepted and mapped onto these objects (:data:`LEGACY_OPTIONS`), so saved
+configurations keep working; the same applicability rules hold for them.
 
 References:
     [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
@@ -37,10 +47,12 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -50,7 +62,7 @@ from torch.nn.utils import parametrize
 from ..nn.conditioners import ContextBound
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
-from ..ops.fixed_point import SOLVER_METHODS, SolveInfo, _check_tolerance
+from ..ops.fixed_point import FixedPoint, Newton, SolveInfo, SolverName, as_solver
 from ..ops.forward_gradient import logdet_with_forward_gradient
 from ..ops.implicit import (
     _functorch_active,
@@ -59,8 +71,13 @@ from ..ops.implicit import (
     residual_inverse,
 )
 from ..ops.logdet import (
-    PROBES,
-    ROULETTE_DISTRIBUTIONS,
+    Auto,
+    Estimator,
+    Exact,
+    LogdetName,
+    Roulette,
+    Series,
+    as_estimator,
     logdet_exact,
     logdet_from_jacobian,
     logdet_roulette,
@@ -73,6 +90,7 @@ from .base import InvertibleModule, as_event_shape
 _Memo = tuple[Tensor, Tensor, "Tensor | None"]
 
 __all__ = [
+    "LEGACY_OPTIONS",
     "ConditionalInvertibleResidual",
     "InvertibleResidual",
     "SolveStats",
@@ -81,8 +99,120 @@ __all__ = [
 ]
 
 EXPLICIT = ("forward", "inverse")
-LOGDETS = ("auto", "exact", "series", "roulette")
-GRADIENTS = ("neumann", "backprop", "forward")
+
+#: The flat keywords of earlier versions and where each now lives: ``(object, field)``.
+#: ``"estimator"`` fields belong to the :class:`~pyro_invres.ops.Series` /
+#: :class:`~pyro_invres.ops.Roulette` / :class:`~pyro_invres.ops.Auto` object that
+#: ``logdet=`` names, ``"solver"`` fields to the solver object.
+LEGACY_OPTIONS: dict[str, tuple[str, str]] = {
+    "exact_max_dim": ("estimator", "max_exact_dim"),
+    "n_exact_terms": ("estimator", "n_exact_terms"),
+    "roulette": ("estimator", "distribution"),
+    "roulette_param": ("estimator", "param"),
+    "n_series_terms": ("estimator", "n_terms"),
+    "n_probes": ("estimator", "n_probes"),
+    "probe": ("estimator", "probe"),
+    "gradient": ("estimator", "gradient"),
+    "atol": ("solver", "atol"),
+    "rtol": ("solver", "rtol"),
+    "max_iter": ("solver", "max_iter"),
+    "strict": ("solver", "strict"),
+    "warm_start": ("solver", "warm_start"),
+}
+_STOCHASTIC = ("n_probes", "probe", "gradient")
+_APPLIES = {
+    "exact": (),
+    "series": ("n_series_terms", *_STOCHASTIC),
+    "roulette": ("n_exact_terms", "roulette", "roulette_param", *_STOCHASTIC),
+    "auto": ("exact_max_dim", "n_exact_terms", "roulette", "roulette_param", *_STOCHASTIC),
+}
+
+
+def _from_legacy(logdet: object, solver: object, legacy: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Map the flat keywords of earlier versions onto the estimator and solver objects."""
+    unknown = sorted(set(legacy) - set(LEGACY_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"unexpected option(s) {unknown}; the estimator's and the solver's options go on "
+            "their objects, e.g. logdet=Roulette(n_probes=4), solver=Anderson(atol=1e-6)"
+        )
+    est = {k: v for k, v in legacy.items() if LEGACY_OPTIONS[k][0] == "estimator"}
+    sol = {k: v for k, v in legacy.items() if LEGACY_OPTIONS[k][0] == "solver"}
+    if est:
+        if not isinstance(logdet, str):
+            raise ValueError(
+                f"options {sorted(est)} cannot be combined with the estimator object "
+                f"{logdet!r}: set them on the object"
+            )
+        as_estimator(logdet)  # an unknown name says so first
+        wrong = sorted(set(est) - set(_APPLIES[logdet]))
+        if wrong:
+            raise ValueError(
+                f"option(s) {wrong} do not apply to logdet={logdet!r} (it takes "
+                f"{list(_APPLIES[logdet]) or 'no options'})"
+            )
+        fields = {LEGACY_OPTIONS[k][1]: v for k, v in est.items()}
+        if logdet == "auto":
+            max_dim = fields.pop("max_exact_dim", 16)
+            logdet = Auto(max_exact_dim=max_dim, otherwise=Roulette(**fields))
+        else:
+            logdet = (Series if logdet == "series" else Roulette)(**fields)
+    if sol:
+        if not isinstance(solver, str):
+            raise ValueError(
+                f"options {sorted(sol)} cannot be combined with the solver object "
+                f"{solver!r}: set them on the object"
+            )
+        solver = type(as_solver(solver))(**{LEGACY_OPTIONS[k][1]: v for k, v in sol.items()})
+    return logdet, solver
+
+
+def _hooked(net: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def _check_solver(solver: object, net: nn.Module, event_shape: torch.Size) -> FixedPoint:
+    solver = as_solver(solver)
+    if isinstance(solver, Newton):
+        if not (len(event_shape) == 1 and hasattr(net, "forward_with_jacobian")):
+            raise ValueError(
+                "solver='newton' needs a vector event and a network with forward_with_jacobian "
+                f"(such as LipschitzMLP); got event_shape {tuple(event_shape)} and "
+                f"{type(net).__name__}"
+            )
+        if _hooked(net):
+            raise ValueError(
+                "solver='newton' evaluates the network through forward_with_jacobian, which "
+                f"bypasses the forward hooks registered on {type(net).__name__}; remove the "
+                "hooks or use solver='fixed_point' or 'anderson'"
+            )
+    return solver
+
+
+def _check_estimator(logdet: object, event_shape: torch.Size) -> tuple[Estimator, Any]:
+    """``(the estimator as given, the one it resolves to for this event shape)``."""
+    logdet = as_estimator(logdet)
+    if not isinstance(logdet, Auto):
+        return logdet, logdet
+    dim = math.prod(event_shape)
+    resolved = logdet.resolve(dim)
+    if isinstance(resolved, Exact) and logdet.otherwise != Roulette():
+        raise ValueError(
+            f"logdet={logdet!r} resolves to the exact log-det for this block (D = {dim} <= "
+            f"max_exact_dim = {logdet.max_exact_dim}), so its stochastic options "
+            f"{logdet.otherwise!r} cannot apply; pass logdet='exact', or the stochastic "
+            "estimator itself (logdet=Roulette(...)) to use it at this dimension"
+        )
+    return logdet, resolved
+
+
+def _check_lipschitz(net: nn.Module, lipschitz: float | None) -> float:
+    lipschitz = getattr(net, "lipschitz", None) if lipschitz is None else lipschitz
+    if lipschitz is None:
+        raise ValueError("pass lipschitz=c, the bound on Lip(nn), for an arbitrary nn")
+    if not 0.0 < float(lipschitz) < 1.0:
+        raise ValueError(f"lipschitz must lie in (0, 1), got {lipschitz}")
+    return float(lipschitz)
 
 
 @dataclass
@@ -155,36 +285,22 @@ class InvertibleResidual(InvertibleModule):
         lipschitz: the bound ``c`` on ``Lip(g)`` (defaults to ``nn.lipschitz``); used as the
             contraction factor in the solver's error bound.
         explicit: ``"forward"`` or ``"inverse"`` (see the module docstring).
-        logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        exact_max_dim: the largest ``D`` for which ``"auto"`` is exact.
-        n_exact_terms: terms the roulette estimator always computes.
-        roulette: ``"geometric"`` or ``"poisson"``, the law of the extra terms.
-        roulette_param: ``p`` of the geometric law or ``lambda`` of the Poisson.
-        n_series_terms: terms of the truncated series.
-        n_probes: Hutchinson probes per sample.
-        probe: ``"gaussian"`` or ``"rademacher"``.
-        atol: absolute tolerance of the iterative side (default: from the dtype).
-        rtol: relative tolerance of the iterative side (default: from the dtype).
-        max_iter: the most iterations of one solve.
-        solver: ``"fixed_point"`` (Banach), ``"anderson"`` or ``"newton"`` (vector events
-            and a network with ``forward_with_jacobian``, such as
+        logdet: the log-det estimator: :class:`~pyro_invres.ops.Auto` (default: exact up
+            to 16 dimensions, roulette above), :class:`~pyro_invres.ops.Exact`,
+            :class:`~pyro_invres.ops.Series` or :class:`~pyro_invres.ops.Roulette` (each
+            with its terms, probes and gradient mode), or the name of one with its
+            defaults. The exact log-det is always back-propagated.
+        solver: the iterative side's solver with its tolerances, iteration cap,
+            strictness and warm start: :class:`~pyro_invres.ops.FixedPoint` (Banach,
+            default), :class:`~pyro_invres.ops.Anderson` or
+            :class:`~pyro_invres.ops.Newton` (vector events and a network with
+            ``forward_with_jacobian`` and no forward hooks, such as
             :class:`~pyro_invres.nn.LipschitzMLP`: each evaluation carries the ``D x D``
             Jacobian, so it suits small ``D``; the adjoint of the inverse is then one
-            linear solve).
-        strict: raise :class:`~pyro_invres.ops.ConvergenceError` rather than warn when a
-            solve does not converge.
-        gradient: how a stochastic log-det is differentiated. ``"neumann"`` (default): the
-            Neumann-series gradient, memory flat in the number of terms; ``"backprop"``:
-            through every term (memory grows with the terms); ``"forward"``: the Neumann
-            gradient computed in the forward pass and its graph freed at once (lowest peak
-            memory); exact when samples carry different upstream weights, through a
-            recomputation. The value is always the estimate itself, never a surrogate.
-            The exact log-det is always back-propagated.
-        warm_start: in training, after the parameters changed, start the iterative side
-            from the last cached solution where that is closer than a cold start (one
-            extra evaluation of ``g``). Never between two optimizer steps nor in
-            evaluation, so results do not depend on call history there.
+            linear solve), or the name of one with its defaults.
         cache_size: 0 or 1 (Pyro's identity cache).
+        **legacy: the flat keywords of earlier versions (:data:`LEGACY_OPTIONS`), mapped
+            onto ``logdet`` and ``solver``.
 
     Cost and cache: the explicit direction is one pass of ``g``; the iterative one is
     ``O(log(tol) / log(c))`` passes (``solve_stats`` counts them). With ``cache_size=1``
@@ -211,89 +327,61 @@ class InvertibleResidual(InvertibleModule):
         *,
         lipschitz: float | None = None,
         explicit: str = "forward",
-        logdet: str = "auto",
-        exact_max_dim: int = 16,
-        n_exact_terms: int = 2,
-        roulette: str = "geometric",
-        roulette_param: float = 0.5,
-        n_series_terms: int = 10,
-        n_probes: int = 1,
-        probe: str = "gaussian",
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iter: int = 1000,
-        solver: str = "fixed_point",
-        strict: bool = False,
-        gradient: str = "neumann",
-        warm_start: bool = True,
+        logdet: LogdetName | Estimator = "auto",
+        solver: SolverName | FixedPoint = "fixed_point",
         cache_size: int = 1,
+        **legacy: Any,
     ) -> None:
         super().__init__(as_event_shape(event_shape), cache_size=cache_size)
         self.nn = nn
-        lipschitz = getattr(nn, "lipschitz", None) if lipschitz is None else lipschitz
-        if lipschitz is None:
-            raise ValueError("pass lipschitz=c, the bound on Lip(nn), for an arbitrary nn")
-        if not 0.0 < float(lipschitz) < 1.0:
-            raise ValueError(f"lipschitz must lie in (0, 1), got {lipschitz}")
-        self.lipschitz = float(lipschitz)
+        self.lipschitz = _check_lipschitz(nn, lipschitz)
         self.explicit = _choice("explicit", explicit, EXPLICIT)
-        self.logdet = _choice("logdet", logdet, LOGDETS)
-        self.roulette = _choice("roulette", roulette, ROULETTE_DISTRIBUTIONS)
-        self.probe = _choice("probe", probe, PROBES)
-        self.solver = _choice("solver", solver, SOLVER_METHODS)
-        if solver == "newton" and not (
-            len(self.event_shape) == 1 and hasattr(nn, "forward_with_jacobian")
-        ):
-            raise ValueError(
-                "solver='newton' needs a vector event and a network with forward_with_jacobian "
-                f"(such as LipschitzMLP); got event_shape {tuple(self.event_shape)} and "
-                f"{type(nn).__name__}"
-            )
-        self.gradient = _choice("gradient", gradient, GRADIENTS)
-        self.warm_start = bool(warm_start)
-        for name, value, low in [
-            ("exact_max_dim", exact_max_dim, 0),
-            ("n_exact_terms", n_exact_terms, 0),
-            ("n_series_terms", n_series_terms, 1),
-            ("n_probes", n_probes, 1),
-            ("max_iter", max_iter, 1),
-        ]:
-            if int(value) != value or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value}")
-        if roulette == "geometric" and not 0.0 < roulette_param < 1.0:
-            raise ValueError(
-                f"roulette_param (geometric p) must lie in (0, 1), got {roulette_param}"
-            )
-        if roulette == "poisson" and not roulette_param > 0.0:
-            raise ValueError(f"roulette_param (poisson lambda) must be > 0, got {roulette_param}")
-        self.exact_max_dim = int(exact_max_dim)
-        self.n_exact_terms = int(n_exact_terms)
-        self.roulette_param = float(roulette_param)
-        self.n_series_terms = int(n_series_terms)
-        self.n_probes = int(n_probes)
-        self.solver_options = {
-            "atol": _check_tolerance("atol", atol),
-            "rtol": _check_tolerance("rtol", rtol),
-            "max_iter": int(max_iter),
-            "method": solver,
-            "strict": bool(strict),
-        }
+        logdet, solver = _from_legacy(logdet, solver, legacy)
+        self.logdet = logdet
+        self.solver = solver
         self.solve_stats = SolveStats()
+
+    # -- the options ----------------------------------------------------------------------------
+    @property
+    def logdet(self) -> Estimator:
+        """The log-det estimator (settable: an estimator object or its name)."""
+        return self._logdet
+
+    @logdet.setter
+    def logdet(self, value: LogdetName | Estimator) -> None:
+        self._logdet, self._estimator = _check_estimator(value, self.event_shape)
+
+    @property
+    def estimator(self) -> Exact | Series | Roulette:
+        """The estimator in use: :attr:`logdet` with ``Auto`` resolved for this block."""
+        return self._estimator
+
+    @property
+    def solver(self) -> FixedPoint:
+        """The iterative side's solver (settable: a solver object or its name)."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, value: SolverName | FixedPoint) -> None:
+        self._solver = _check_solver(value, self.nn, self.event_shape)
+
+    @property
+    def solver_options(self) -> dict[str, object]:
+        """The keyword arguments of :func:`~pyro_invres.ops.solve_fixed_point` (read-only)."""
+        return self._solver.options()
+
+    @property
+    def warm_start(self) -> bool:
+        """Whether the solver warm-starts in training (settable; see ``FixedPoint``)."""
+        return self._solver.warm_start
+
+    @warm_start.setter
+    def warm_start(self, value: bool) -> None:
+        self._solver = dataclasses.replace(self._solver, warm_start=bool(value))
 
     def _state_key(self) -> tuple:
         # a changed estimator or its options must not be answered from the memo
-        options = (
-            self.logdet,
-            self.exact_max_dim,
-            self.n_exact_terms,
-            self.roulette,
-            self.roulette_param,
-            self.n_series_terms,
-            self.n_probes,
-            self.probe,
-            self.gradient,
-        )
-        return (*super()._state_key(), options)
+        return (*super()._state_key(), self._estimator)
 
     # -- the two directions -----------------------------------------------------------------
     def _explicit(self, z: Tensor) -> Tensor:
@@ -349,11 +437,24 @@ class InvertibleResidual(InvertibleModule):
             event_dim=self.event_dim,
             contraction=self.lipschitz,
             what=what,
-            jacobian=self.nn.forward_with_jacobian if self.solver == "newton" else None,
-            **self.solver_options,
+            jacobian=self._newton_jacobian(),
+            **self._solver.options(),
         )
         self.solve_stats.record(info)
         return z
+
+    def _newton_jacobian(self) -> Any:
+        if not isinstance(self._solver, Newton):
+            return None
+        if _hooked(self.nn):
+            # hooks added after construction: Newton's carried-Jacobian pass would skip them
+            raise RuntimeError(
+                f"{type(self).__name__}: solver=Newton evaluates the network through "
+                "forward_with_jacobian, which bypasses the forward hooks now registered on "
+                f"{type(self.nn).__name__}; remove the hooks or set block.solver = "
+                "'fixed_point' (or 'anderson')"
+            )
+        return self.nn.forward_with_jacobian
 
     @property
     def _iterative_side(self) -> str:
@@ -368,10 +469,8 @@ class InvertibleResidual(InvertibleModule):
     # -- the log-determinant ------------------------------------------------------------------
     @property
     def logdet_method(self) -> str:
-        """The estimator in use (``"auto"`` resolved for this block's dimension)."""
-        if self.logdet != "auto":
-            return self.logdet
-        return "exact" if math.prod(self.event_shape) <= self.exact_max_dim else "roulette"
+        """The name of the estimator in use (``"auto"`` resolved for this block's dimension)."""
+        return self._estimator.name
 
     def residual_logdet(self, z: Tensor, memo: _Memo | None = None) -> Tensor:
         """``log det(I + J_g(z))`` with this block's estimator, shaped like the batch."""
@@ -387,7 +486,7 @@ class InvertibleResidual(InvertibleModule):
             seed = int(torch.randint(0, 2**62, ())) if method != "exact" else 0
             if jac is not None and method == "exact":
                 value = logdet_from_jacobian(jac)
-            elif grad and method != "exact" and self.gradient == "forward" and self._may_store():
+            elif grad and method != "exact" and self._gradient == "forward" and self._may_store():
                 value = logdet_with_forward_gradient(
                     partial(self._estimate, method=method, differentiable=True),
                     zc,
@@ -400,13 +499,17 @@ class InvertibleResidual(InvertibleModule):
             else:
                 generator = torch.Generator(device=zc.device).manual_seed(seed)
                 value = self._estimate(zc, gz, generator, method=method, differentiable=grad)
-                if grad and method != "exact" and self.gradient != "backprop":
+                if grad and method != "exact" and self._gradient != "backprop":
                     # a Neumann gradient (the forward mode's fallback too) estimates the
                     # gradient; it is not the derivative of a differentiable value, so its
                     # own derivatives would be wrong (the stored forward gradient refuses
                     # on its own)
                     value = _FirstDerivativeOnly.apply(value, self._no_second_derivative(method))
         return value if grad else value.detach()
+
+    @property
+    def _gradient(self) -> str:
+        return getattr(self._estimator, "gradient", "backprop")
 
     def _refuse_vjp_under_vmap(self, method: str) -> None:
         if _functorch_active():
@@ -419,7 +522,7 @@ class InvertibleResidual(InvertibleModule):
 
     def _no_second_derivative(self, method: str) -> str:
         return (
-            f"{type(self).__name__}: the {method!r} log-det with gradient={self.gradient!r} "
+            f"{type(self).__name__}: the {method!r} log-det with gradient={self._gradient!r} "
             "has no second derivatives (its gradient is a Neumann-series estimate, not the "
             "derivative of a differentiable value), and a backward pass asked for them "
             "(create_graph=True: a Hessian, a Laplace approximation); use logdet='exact' "
@@ -450,7 +553,7 @@ class InvertibleResidual(InvertibleModule):
             return False
         # forward_with_jacobian bypasses Module.__call__: a network someone hooked (to
         # inspect or alter activations) keeps the path that calls it
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.nn.modules())
+        return not _hooked(self.nn)
 
     def _may_store(self) -> bool:
         # gradients stored in the forward pass only cover x and the parameters: a context
@@ -469,24 +572,25 @@ class InvertibleResidual(InvertibleModule):
     ) -> Tensor:
         if method == "exact":
             return logdet_exact(make_vjp(zc, gz, create_graph=differentiable), zc, self.event_dim)
-        backprop = differentiable and self.gradient == "backprop"
+        est = self._estimator
+        backprop = differentiable and est.gradient == "backprop"
         vjp = make_vjp(zc, gz, create_graph=backprop)
         graph_vjp = make_vjp(zc, gz, create_graph=True) if differentiable and not backprop else None
         options = {
-            "n_probes": self.n_probes,
-            "probe": self.probe,
+            "n_probes": est.n_probes,
+            "probe": est.probe,
             "generator": generator,
             "graph_vjp": graph_vjp,
         }
-        if method == "series":
-            return logdet_series(vjp, zc, self.event_dim, n_terms=self.n_series_terms, **options)
+        if isinstance(est, Series):
+            return logdet_series(vjp, zc, self.event_dim, n_terms=est.n_terms, **options)
         return logdet_roulette(
             vjp,
             zc,
             self.event_dim,
-            n_exact_terms=self.n_exact_terms,
-            distribution=self.roulette,
-            param=self.roulette_param,
+            n_exact_terms=est.n_exact_terms,
+            distribution=est.distribution,
+            param=est.param,
             **options,
         )
 
@@ -498,7 +602,7 @@ class InvertibleResidual(InvertibleModule):
     def extra_repr(self) -> str:
         return (
             f"event_shape={self.event_shape}, lipschitz={self.lipschitz}, "
-            f"explicit={self.explicit!r}, logdet={self.logdet!r}, solver={self.solver!r}"
+            f"explicit={self.explicit!r}, logdet={self._logdet!r}, solver={self._solver!r}"
         )
 
 
@@ -506,13 +610,20 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
     """The conditional twin: ``z -> z + g(z; context)`` with ``Lip_z(g) < 1`` for every context.
 
     ``.condition(context)`` returns an :class:`InvertibleResidual` sharing this module's
-    parameters, with every guarantee of the unconditional block (the bound holds in ``z``).
+    parameters, options and :attr:`solve_stats`, with every guarantee of the unconditional
+    block (the bound holds in ``z``). The options are checked here, without running the
+    network, so a network of any dtype or device builds.
 
     Arguments:
         nn: a module ``g(z, context=...)`` with ``Lip_z(g) <= lipschitz``
             (e.g. :class:`~pyro_invres.nn.ConditionalLipschitzMLP`).
         event_shape: the event shape of ``z``.
-        **kwargs: every keyword option of :class:`InvertibleResidual`.
+        lipschitz: the bound ``c`` on ``Lip_z(g)`` (defaults to ``nn.lipschitz``).
+        explicit: ``"forward"`` or ``"inverse"``.
+        logdet: the log-det estimator, as for :class:`InvertibleResidual`.
+        solver: the solver, as for :class:`InvertibleResidual`.
+        cache_size: 0 or 1, for each conditioned block.
+        **legacy: the flat keywords of earlier versions (:data:`LEGACY_OPTIONS`).
 
     Example:
         >>> import torch
@@ -520,21 +631,51 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
         >>> block = conditional_iresnet(2, context_dim=3, hidden_dims=[16])
         >>> block.condition(torch.randn(3))(torch.randn(4, 2)).shape
         torch.Size([4, 2])
+        >>> _ = block.condition(torch.randn(3)).inv(torch.randn(4, 2))
+        >>> block.solve_stats.solves   # shared by every conditioned block
+        1
     """
 
     bijective = True
 
-    def __init__(self, nn: nn.Module, event_shape: int | Sequence[int], **kwargs: object) -> None:
+    def __init__(
+        self,
+        nn: nn.Module,
+        event_shape: int | Sequence[int],
+        *,
+        lipschitz: float | None = None,
+        explicit: str = "forward",
+        logdet: LogdetName | Estimator = "auto",
+        solver: SolverName | FixedPoint = "fixed_point",
+        cache_size: int = 1,
+        **legacy: Any,
+    ) -> None:
         super().__init__()
         self.nn = nn
         self.event_shape = as_event_shape(event_shape)
-        kwargs.setdefault("lipschitz", getattr(nn, "lipschitz", None))
-        self.options = kwargs
-        # build one conditioned block now so bad options fail here, not at first use
-        InvertibleResidual(ContextBound(nn, torch.zeros(1)), self.event_shape, **kwargs)
+        self.lipschitz = _check_lipschitz(nn, lipschitz)
+        self.explicit = _choice("explicit", explicit, EXPLICIT)
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        self.cache_size = cache_size
+        logdet, solver = _from_legacy(logdet, solver, legacy)
+        self.logdet = _check_estimator(logdet, self.event_shape)[0]
+        self.solver = _check_solver(solver, nn, self.event_shape)
+        self.solve_stats = SolveStats()
 
     def condition(self, context: Tensor) -> InvertibleResidual:
-        return InvertibleResidual(ContextBound(self.nn, context), self.event_shape, **self.options)
+        """The block for ``context``: shares parameters, options and :attr:`solve_stats`."""
+        block = InvertibleResidual(
+            ContextBound(self.nn, context),
+            self.event_shape,
+            lipschitz=self.lipschitz,
+            explicit=self.explicit,
+            logdet=self.logdet,
+            solver=self.solver,
+            cache_size=self.cache_size,
+        )
+        block.solve_stats = self.solve_stats
+        return block
 
 
 def _default_hidden(dim: int) -> list[int]:
@@ -548,12 +689,13 @@ def iresnet(
     *,
     lipschitz: float = 0.9,
     explicit: str = "forward",
-    logdet: str = "auto",
+    logdet: LogdetName | Estimator = "auto",
+    solver: SolverName | FixedPoint = "fixed_point",
     activation: str = "lipswish",
+    activation_kwargs: Mapping[str, object] | None = None,
     kernel_sizes: Sequence[int] | None = None,
     split: str = "equal",
-    activation_kwargs: Mapping[str, object] | None = None,
-    **kwargs: object,
+    **legacy: Any,
 ) -> InvertibleResidual:
     """Build an :class:`InvertibleResidual` block for vectors or images.
 
@@ -567,8 +709,10 @@ def iresnet(
             channels (images: default ``[32, 32]``).
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` (cheap sampling) or ``"inverse"`` (cheap scoring).
-        logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        logdet: the log-det estimator (an object or its name, see
+            :class:`InvertibleResidual`).
+        solver: the solver of the iterative side (an object or its name).
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         kernel_sizes: images only: one odd kernel size per layer (default 3-1-...-1-3).
         split: vectors only: ``"equal"`` or ``"learned"`` sharing of ``c`` between the
             layers (see :class:`~pyro_invres.nn.LipschitzMLP`).
@@ -576,7 +720,8 @@ def iresnet(
             that starts sharper (closer to a scaled ReLU) bends the block more per unit of
             distance; ``{"omega": 4.0}``: the starting frequency of ``"sine"``, which
             bends it many times and suits thin, repeated structure (concentric rings).
-        **kwargs: further options of :class:`InvertibleResidual`.
+        **legacy: the flat keywords of earlier versions (:data:`LEGACY_OPTIONS`), mapped
+            onto ``logdet`` and ``solver``.
 
     Example:
         >>> import torch
@@ -586,6 +731,12 @@ def iresnet(
         True
         >>> iresnet((2, 4, 4), [8])(torch.randn(5, 2, 4, 4)).shape
         torch.Size([5, 2, 4, 4])
+        >>> from pyro_invres.ops import Roulette, Anderson
+        >>> block = iresnet(32, logdet=Roulette(n_probes=2), solver=Anderson(atol=1e-6))
+        >>> iresnet(2, n_probes=2)   # the log-det resolves to exact at D = 2
+        Traceback (most recent call last):
+        ...
+        ValueError: logdet=Auto(...) resolves to the exact log-det ...
     """
     if isinstance(input_dim, int):
         if kernel_sizes is not None:
@@ -615,7 +766,13 @@ def iresnet(
             activation_kwargs=activation_kwargs,
         )
     return InvertibleResidual(
-        net, input_dim, lipschitz=lipschitz, explicit=explicit, logdet=logdet, **kwargs
+        net,
+        input_dim,
+        lipschitz=lipschitz,
+        explicit=explicit,
+        logdet=logdet,
+        solver=solver,
+        **legacy,
     )
 
 
@@ -626,10 +783,11 @@ def conditional_iresnet(
     *,
     lipschitz: float = 0.9,
     explicit: str = "forward",
-    logdet: str = "auto",
+    logdet: LogdetName | Estimator = "auto",
+    solver: SolverName | FixedPoint = "fixed_point",
     activation: str = "lipswish",
     activation_kwargs: Mapping[str, object] | None = None,
-    **kwargs: object,
+    **legacy: Any,
 ) -> ConditionalInvertibleResidual:
     """Build a :class:`ConditionalInvertibleResidual` with a conditional Lipschitz MLP.
 
@@ -639,10 +797,11 @@ def conditional_iresnet(
         hidden_dims: hidden layer sizes (default ``[max(64, 10 D)] * 2``).
         lipschitz: the bound on ``Lip_z(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` or ``"inverse"``.
-        logdet: ``"auto"``, ``"exact"``, ``"series"`` or ``"roulette"``.
-        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        logdet: the log-det estimator (an object or its name).
+        solver: the solver of the iterative side (an object or its name).
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         activation_kwargs: options of the activation (``beta``, ``omega``).
-        **kwargs: further options of :class:`InvertibleResidual`.
+        **legacy: the flat keywords of earlier versions (:data:`LEGACY_OPTIONS`).
 
     Example:
         >>> import torch, pyro.distributions as dist
@@ -662,5 +821,11 @@ def conditional_iresnet(
         activation_kwargs=activation_kwargs,
     )
     return ConditionalInvertibleResidual(
-        net, input_dim, lipschitz=lipschitz, explicit=explicit, logdet=logdet, **kwargs
+        net,
+        input_dim,
+        lipschitz=lipschitz,
+        explicit=explicit,
+        logdet=logdet,
+        solver=solver,
+        **legacy,
     )
