@@ -49,6 +49,8 @@ from .base import InvertibleModule, as_event_shape
 __all__ = [
     "AdditiveCoupling",
     "BoundedAffineCoupling",
+    "Coupling",
+    "CouplingUpdate",
     "ConditionalAdditiveCoupling",
     "ConditionalBoundedAffineCoupling",
     "additive_coupling",
