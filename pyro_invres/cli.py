@@ -46,31 +46,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .flows import PRESETS
+
 __all__ = ["DEFAULTS", "LOCK_NAME", "CommandError", "flow_options", "main"]
 
-#: The ``fit`` defaults. Measured on moons (one thread): about 84 s in all, test NLL
-#: 2.417 (76 s and 2.408 since the spectral refresh got cheaper and beta = 32; 64 s and
-#: 2.406 since the exact log-det uses the Jacobian the network carries forward).
-#: Six blocks of [32, 32] beat four of [64, 64] (2.51-2.64) at the same cost; with
-#: lr 1e-2 and Lip 0.97 LipSwish edged out ELU (2.47 vs 2.50), while at lr 5e-3 and Lip
-#: 0.9 ELU was ahead (2.65 vs 2.73). The learned Lipschitz split took checkerboard from
-#: 3.816 to 3.782 and rings from 3.460 to 3.352 (six blocks); a seventh and eighth block
-#: gave another 0.01 (checkerboard 3.774, moons 2.417, 8gaussians 2.836). Lip 0.99 and
-#: wider blocks ([64, 64], 8 or 12 blocks) were worse on rings (3.53-3.55); 3000 steps
-#: instead of 1200 gained 0.02 there, CLipSwish and a third hidden layer ~0.01.
-#: Starting LipSwish sharper (beta is learned; it used to start at 1) helps where the
-#: density has thin structure: rings 3.33 at beta 1, then 3.26 / 3.24 / 3.22 / 3.19 / 3.19 /
-#: 3.28 at beta 4 / 8 / 16 / 32 / 64 / 256; checkerboard 3.77 -> 3.70 (beta 16) and 3.71
-#: (64); moons and 8gaussians unchanged (2.40, 2.84 at beta 16). With beta 16, 12 blocks
-#: reached 3.15 on rings but take 1.5x the time; lr 2e-2 was worse (3.26 at beta 64).
-#: The sine activation (sin(omega x) / omega, omega learned) then beat LipSwish at beta 32
-#: everywhere: rings 2.737 (omega 4; 2.738 at 2, 2.729 at 8, 2.729 at 4 with seed 1),
-#: checkerboard 3.572 (3.596 at 2, 3.591 at 8, 3.574 seed 1), moons 2.395, 8gaussians
-#: 2.841; 12 LipSwish blocks had reached only 3.120 on rings. Sampling inverts each
-#: block by Newton's method (the network carries its 2 x 2 Jacobian): median 4
-#: evaluations per block solve to 1e-6 on this flow, against 6 (Anderson) and 9 (fixed
-#: point), and 3.4 explicit passes of wall time per sampled batch against 4.1 and 4.5
-#: (`examples/benchmarks/bench_residual_flow.py`).
+#: The tuned 2-D flow ``fit`` trains by default: :data:`pyro_invres.flows.PRESETS`.
+_FIT_PRESET = PRESETS["iresnet-2d"]
+
+#: The ``fit`` defaults: the ``iresnet-2d`` preset's flow options, and a schedule that
+#: trains it on ``moons`` in about a minute of one CPU thread. How they were chosen is in
+#: the docs (``docs/tradeoffs.md``, "How the pyro-invres fit flow was tuned").
 DEFAULTS: dict[str, Any] = {
     "dataset": "moons",
     "flow": "iresnet",
@@ -78,14 +63,15 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 256,
     "lr": 1e-2,
     "lr_final": 0.1,
-    "num_blocks": 8,
-    "hidden": "32,32",
-    "activation": "sine",
+    "num_blocks": _FIT_PRESET["num_blocks"],
+    "hidden": ",".join(str(h) for h in _FIT_PRESET["hidden_dims"]),
+    "activation": _FIT_PRESET["activation"],
+    # LipSwish's starting sharpness, used only with --activation (c)lipswish
     "beta": 32.0,
-    "omega": 4.0,
-    "lipschitz": 0.97,
-    "split": "learned",
-    "solver": "newton",
+    "omega": _FIT_PRESET["activation_kwargs"]["omega"],
+    "lipschitz": _FIT_PRESET["lipschitz"],
+    "split": _FIT_PRESET["split"],
+    "solver": _FIT_PRESET["solver"],
     "n_train": 20_000,
     "n_test": 5_000,
     "threads": 1,
@@ -113,6 +99,10 @@ class CommandError(Exception):
 
 def flow_options(flow: str = DEFAULTS["flow"], **overrides: Any) -> dict[str, Any]:
     """The :func:`~pyro_invres.flows.build_flow` options ``pyro-invres fit`` uses.
+
+    With no overrides and ``flow="iresnet"`` these are the options of the ``iresnet-2d``
+    preset (:data:`pyro_invres.flows.PRESETS`): ``build_flow("iresnet-2d", 2)`` builds the
+    same flow from Python.
 
     Arguments:
         flow: the flow's name.

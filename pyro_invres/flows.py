@@ -14,7 +14,8 @@ RealNVP's multi-scale density; every dimension stays in the one tensor that Pyro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import pyro.distributions as dist
@@ -30,7 +31,7 @@ from .transforms.iresnet import iresnet
 from .transforms.revnet import revnet_block
 from .transforms.subset import ChannelSubset
 
-__all__ = ["FLOWS", "base_shape", "build_flow", "glow", "irevnet", "residual_flow"]
+__all__ = ["FLOWS", "PRESETS", "base_shape", "build_flow", "glow", "irevnet", "residual_flow"]
 
 Step = Callable[[tuple[int, int, int]], list[TransformModule]]
 
@@ -251,6 +252,41 @@ def residual_flow(
 #: Names accepted by :func:`build_flow`.
 FLOWS: tuple[str, ...] = ("iresnet", "revnet", "additive", "affine", "pyro-affine")
 
+#: Tuned option sets of the flows in :data:`FLOWS`, by name: ``build_flow(preset,
+#: input_dim, **overrides)`` builds ``PRESETS[preset]["flow"]`` with the preset's other
+#: entries as options, ``overrides`` replacing any of them.
+#:
+#: ``iresnet-2d`` is the flow ``pyro-invres fit`` trains on 2-D toy densities: eight
+#: i-ResNet blocks of ``[32, 32]`` with the learned-frequency sine activation (starting
+#: at ``omega = 4``), ``Lip(g) <= 0.97`` split between the layers by learned gains, and
+#: Newton's method inverting each block when sampling. How it was chosen (and what it
+#: beat) is in the docs: "How the pyro-invres fit flow was tuned" (``docs/tradeoffs.md``).
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "iresnet-2d": MappingProxyType(
+            {
+                "flow": "iresnet",
+                "num_blocks": 8,
+                "hidden_dims": (32, 32),
+                "activation": "sine",
+                "activation_kwargs": MappingProxyType({"omega": 4.0}),
+                "lipschitz": 0.97,
+                "split": "learned",
+                "solver": "newton",
+            }
+        ),
+    }
+)
+
+
+def _plain(value: Any) -> Any:
+    """A preset entry as a fresh plain value (lists and dicts), safe to store and mutate."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
 
 def _iresnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
     cfg.setdefault("explicit", "inverse")
@@ -354,8 +390,13 @@ def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
 
     Every stack but ``pyro-affine`` puts an :class:`~pyro_invres.ActNorm` after each block.
 
+    A name in :data:`PRESETS` (``iresnet-2d``: the flow ``pyro-invres fit`` trains) builds
+    its flow with the preset's options, ``cfg`` overriding them. ``flow_config`` then names
+    the underlying flow and lists every option, so a checkpoint rebuilds the same flow even
+    if the preset is tuned again later.
+
     Arguments:
-        name: one of :data:`FLOWS`.
+        name: one of :data:`FLOWS` or :data:`PRESETS`.
         input_dim: the dimension ``D`` of the data.
         **cfg: options of the named flow (ints, floats, strings and lists of them).
 
@@ -366,10 +407,21 @@ def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
         >>> flow = build_flow("iresnet", 2, num_blocks=2, hidden_dims=[16])
         >>> flow.flow_config
         {'name': 'iresnet', 'input_dim': 2, 'num_blocks': 2, 'hidden_dims': [16]}
+        >>> tuned = build_flow("iresnet-2d", 2, num_blocks=1)   # the `pyro-invres fit` flow
+        >>> config = tuned.flow_config
+        >>> config["name"], config["num_blocks"], config["activation"], config["hidden_dims"]
+        ('iresnet', 1, 'sine', [32, 32])
     """
+    if name in PRESETS:
+        preset = _plain(PRESETS[name])
+        name = preset.pop("flow")
+        cfg = {**preset, **cfg}
     builder = _BUILDERS.get(name)
     if builder is None:
-        raise ValueError(f"unknown flow {name!r}; choose from {', '.join(FLOWS)}")
+        raise ValueError(
+            f"unknown flow {name!r}; choose from {', '.join(FLOWS)} or a preset "
+            f"({', '.join(PRESETS)})"
+        )
     if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
         raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}

@@ -60,8 +60,8 @@ CLipSwish did not help. The default is now the sine, `sin(omega x) / omega` with
 learned frequency (`--activation sine --omega 4`): still 1-Lipschitz, but a layer of
 sines sums plane waves, so one block can bend many times along a line. Rings went from
 3.19 to 2.72, checkerboard from 3.70 to 3.57; moons and 8gaussians gained about 0.01.
-`pyro-invres fit --activation lipswish --beta 32` reproduces the old default. The
-measurements are listed beside `DEFAULTS` in `pyro_invres/cli.py`. Density quality at
+`pyro-invres fit --activation lipswish --beta 32` reproduces the old default. How the
+flow was tuned is in {ref}`tradeoffs-fit-flow`. Density quality at
 equal training time, against normflows' residual flow too, is in {doc}`benchmark_results`.
 """
 
