@@ -18,9 +18,9 @@ the raw output itself near 0. The inverses are closed form, ``x_2 = y_2 - t(y_1)
 diagonal, so the determinant is positive (``sign = 1``).
 
 Cost and cache: both directions and the log-det cost one pass of the conditioner; the
-log-scale computed by ``_call`` or ``_inverse`` is kept so that the log-det of the cached
-pair costs a sum. Stack blocks with permutations (or alternate ``split_dim``) so that every
-coordinate gets transformed.
+log-det computed on the way (either direction, by the one coupling core :class:`Coupling`)
+is kept for the cached pair. Stack blocks with permutations (or alternate ``split_dim``)
+so that every coordinate gets transformed.
 
 References:
     [1] Dinh, Krueger & Bengio, *NICE: Non-linear Independent Components Estimation*,
