@@ -23,11 +23,13 @@ __all__ = ["evaluate_nll", "inverse_iterations", "make_density"]
 
 def make_density(
     flow: TransformModule,
-    event_shape: Sequence[int],
+    event_shape: int | Sequence[int],
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dist.TransformedDistribution:
     """The flow pushed forward from a standard normal base of shape ``event_shape``.
+
+    ``event_shape`` is ``D`` or a shape (``(D,)``, ``(C, H, W)``), as a factory's ``input_dim``.
 
     Example:
         >>> from pyro_invres.flows import build_flow
@@ -35,7 +37,9 @@ def make_density(
         >>> make_density(flow, (2,)).log_prob(torch.zeros(3, 2)).shape
         torch.Size([3])
     """
-    shape = tuple(int(s) for s in event_shape)
+    shape = (
+        (int(event_shape),) if isinstance(event_shape, int) else tuple(int(s) for s in event_shape)
+    )
     loc = torch.zeros(shape, device=device, dtype=dtype)
     base = dist.Normal(loc, torch.ones_like(loc)).to_event(len(shape))
     return dist.TransformedDistribution(base, flow)

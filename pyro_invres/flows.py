@@ -50,6 +50,8 @@ def base_shape(flow: ComposeTransformModule, shape: Sequence[int]) -> torch.Size
 
 
 def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    if not isinstance(shape, Sequence | torch.Size) or isinstance(shape, str):
+        raise ValueError(f"expected an image shape (C, H, W) as input_dim, got {shape!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s < 1 for s in shape):
         raise ValueError(f"expected an image shape (C, H, W), got {shape}")
@@ -82,7 +84,7 @@ def _multiscale(
 
 
 def glow(
-    shape: Sequence[int],
+    input_dim: Sequence[int],
     num_scales: int = 2,
     steps_per_scale: int = 4,
     hidden_channels: int = 64,
@@ -98,7 +100,8 @@ def glow(
         \\text{ActNorm}
 
     Arguments:
-        shape: the image shape ``(C, H, W)``; ``H`` and ``W`` divisible by ``2**num_scales``.
+        input_dim: the event shape, an image ``(C, H, W)``; ``H`` and ``W`` divisible by
+            ``2**num_scales``.
         num_scales: squeezes (each halves ``H`` and ``W``).
         steps_per_scale: flow steps after each squeeze.
         hidden_channels: width of the coupling conditioners.
@@ -124,11 +127,11 @@ def glow(
             affine_coupling(s, [hidden_channels, hidden_channels], log_scale_bound=log_scale_bound),
         ]
 
-    return _multiscale(shape, num_scales, steps_per_scale, step, factor_out)
+    return _multiscale(input_dim, num_scales, steps_per_scale, step, factor_out)
 
 
 def irevnet(
-    shape: Sequence[int],
+    input_dim: Sequence[int],
     num_scales: int = 2,
     blocks_per_scale: int = 4,
     hidden_channels: int = 64,
@@ -147,7 +150,7 @@ def irevnet(
     additive i-RevNet is volume preserving).
 
     Arguments:
-        shape: the image shape ``(C, H, W)``.
+        input_dim: the event shape, an image ``(C, H, W)``.
         num_scales: invertible down-samplings.
         blocks_per_scale: RevNet blocks after each down-sampling.
         hidden_channels: width of ``F`` and ``G``.
@@ -170,7 +173,7 @@ def irevnet(
         )
         return [ActNorm(s[0], event_dim=3), block, ChannelPermutation(s[0], event_dim=3)]
 
-    return _multiscale(shape, num_scales, blocks_per_scale, step, factor_out=False)
+    return _multiscale(input_dim, num_scales, blocks_per_scale, step, factor_out=False)
 
 
 def residual_flow(
@@ -198,7 +201,7 @@ def residual_flow(
     then half the channels factored out (Chen et al. 2019).
 
     Arguments:
-        input_dim: the dimension ``D`` of a vector event, or an image shape ``(C, H, W)``.
+        input_dim: the event shape: ``D`` or ``(D,)`` for vectors, ``(C, H, W)`` for images.
         num_blocks: i-ResNet blocks (per scale, for images).
         hidden_dims: hidden sizes (channels, for images) of each block's network.
         explicit: ``"forward"`` (variational posteriors: cheap sampling) or ``"inverse"``
@@ -223,6 +226,8 @@ def residual_flow(
     """
     if int(num_blocks) < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if isinstance(input_dim, Sequence | torch.Size) and len(input_dim) == 1:
+        input_dim = int(input_dim[0])  # a vector event given as its shape (D,), as in Pyro
     if not isinstance(input_dim, int):
         flipped = {"forward": "inverse", "inverse": "forward"}
         if explicit not in flipped:
@@ -368,7 +373,22 @@ _BUILDERS = {
 }
 
 
-def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
+def _vector_dim(input_dim: int | Sequence[int]) -> int:
+    """``D`` from ``D`` or ``(D,)``; a clear error for anything else."""
+    dim = input_dim
+    if isinstance(input_dim, Sequence | torch.Size) and not isinstance(input_dim, str):
+        if len(input_dim) != 1:
+            raise ValueError(
+                f"build_flow's flows model vectors: input_dim must be D or (D,), got "
+                f"{tuple(input_dim)!r}; for images (C, H, W) use glow, irevnet or residual_flow"
+            )
+        dim = input_dim[0]
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"input_dim must be a positive int D or a shape (D,), got {input_dim!r}")
+    return dim
+
+
+def build_flow(name: str, input_dim: int | Sequence[int], **cfg: Any) -> TransformModule:
     """Build a flow for density estimation on ``R^input_dim`` from its name and options.
 
     The flow remembers how it was built in ``flow.flow_config`` (plain types only), which
@@ -397,11 +417,14 @@ def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
 
     Arguments:
         name: one of :data:`FLOWS` or :data:`PRESETS`.
-        input_dim: the dimension ``D`` of the data.
+        input_dim: the event shape of the data, ``D`` or ``(D,)`` (as in Pyro's factories);
+            ``flow_config`` records it as the int ``D``. These flows model vectors: for
+            images ``(C, H, W)`` use :func:`glow`, :func:`irevnet` or :func:`residual_flow`.
         **cfg: options of the named flow (ints, floats, strings and lists of them).
 
     Raises:
-        ValueError: for an unknown name, or a flow whose module is not installed.
+        ValueError: for an unknown name, a flow whose module is not installed, or an
+            ``input_dim`` that is not a positive ``D`` or ``(D,)``.
 
     Example:
         >>> flow = build_flow("iresnet", 2, num_blocks=2, hidden_dims=[16])
@@ -422,8 +445,7 @@ def build_flow(name: str, input_dim: int, **cfg: Any) -> TransformModule:
             f"unknown flow {name!r}; choose from {', '.join(FLOWS)} or a preset "
             f"({', '.join(PRESETS)})"
         )
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    input_dim = _vector_dim(input_dim)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     flow = builder(input_dim, **dict(config))
     flow.flow_config = {"name": name, "input_dim": input_dim, **config}

@@ -89,3 +89,50 @@ def test_old_import_paths_are_the_new_objects():
         assert getattr(train, name) is getattr(checkpoint, name), name
     for name in ("make_density", "evaluate_nll", "inverse_iterations"):
         assert getattr(train, name) is getattr(evaluation, name), name
+
+
+# -- one vocabulary for the event shape: `input_dim`, an int or a shape, as in Pyro ---------------
+@pytest.mark.parametrize("name", FLOWS)
+def test_build_flow_takes_d_or_a_shape_and_records_d(name):
+    torch.manual_seed(0)
+    as_int = build_flow(name, 3, num_blocks=1, hidden_dims=[8])
+    torch.manual_seed(0)
+    as_shape = build_flow(name, torch.Size([3]), num_blocks=1, hidden_dims=[8])
+    assert as_int.flow_config == as_shape.flow_config
+    assert as_shape.flow_config["input_dim"] == 3
+    for a, b in zip(_outputs(as_int, 3), _outputs(as_shape, 3)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [(1, 8, 8), (), 0, -2, True, 2.0, "2"])
+def test_build_flow_names_what_input_dim_it_expected(bad):
+    with pytest.raises(ValueError, match="input_dim must be"):
+        build_flow("iresnet", bad)
+
+
+def test_image_factories_take_input_dim():
+    import inspect
+
+    for factory in (flows.glow, flows.irevnet, flows.residual_flow):
+        assert next(iter(inspect.signature(factory).parameters)) == "input_dim"
+    flow = flows.glow(input_dim=(1, 8, 8), num_scales=1, steps_per_scale=1, hidden_channels=4)
+    assert tuple(flows.base_shape(flow, (1, 8, 8))) == (4, 4, 4)
+    with pytest.raises(ValueError, match=r"image shape \(C, H, W\)"):
+        flows.irevnet(3)
+
+
+def test_residual_flow_takes_a_vector_shape():
+    torch.manual_seed(0)
+    a = flows.residual_flow(3, num_blocks=1, hidden_dims=[8])
+    torch.manual_seed(0)
+    b = flows.residual_flow((3,), num_blocks=1, hidden_dims=[8])
+    for u, v in zip(_outputs(a, 3), _outputs(b, 3)):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_make_density_takes_d_or_a_shape():
+    flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8]).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    a = evaluation.make_density(flow, 2, dtype=torch.float64).log_prob(x)
+    b = evaluation.make_density(flow, (2,), dtype=torch.float64).log_prob(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
