@@ -160,3 +160,22 @@ def test_cli_configuration_still_builds():
     flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[8], atol=1e-6, max_iter=99)
     block = next(m for m in flow.modules() if isinstance(m, InvertibleResidual))
     assert block.solver == FixedPoint(atol=1e-6, max_iter=99)
+
+
+@pytest.mark.parametrize("explicit", ["forward", "inverse"])
+def test_block_contract_log_det_is_lazy_and_matches_the_pair(explicit):
+    torch.manual_seed(0)
+    block = iresnet(3, [8], explicit=explicit).double()
+    calls = []
+    original = block.residual_logdet
+    block.residual_logdet = lambda z, memo=None: calls.append(1) or original(z, memo)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = block(x)  # sampling without scoring: no log-det
+    assert calls == []
+    first = block.log_abs_det_jacobian(x, y)
+    assert block.log_abs_det_jacobian(x, y) is first and len(calls) == 1
+    _, ladj = block.call_and_ladj(x, cached=False)
+    x_back, ladj_inv = block.inverse_and_ladj(y, cached=False)
+    assert torch.allclose(ladj, first, atol=1e-10)
+    assert torch.allclose(ladj_inv, first, atol=1e-8)
+    assert torch.allclose(x_back, x, atol=1e-8)

@@ -84,7 +84,7 @@ from ..ops.logdet import (
     logdet_series,
     make_vjp,
 )
-from .base import InvertibleModule, as_event_shape
+from .base import InvertibleModule, LazyLadj, as_event_shape
 
 # what the forward pass keeps for the log-det: (z, g(z), dg/dz or None), z on the graph
 _Memo = tuple[Tensor, Tensor, "Tensor | None"]
@@ -384,14 +384,13 @@ class InvertibleResidual(InvertibleModule):
         return (*super()._state_key(), self._estimator)
 
     # -- the two directions -----------------------------------------------------------------
-    def _explicit(self, z: Tensor) -> Tensor:
+    def _explicit(self, z: Tensor) -> tuple[Tensor, _Memo | None]:
         if not torch.is_grad_enabled():
-            return z + self.nn(z)
+            return z + self.nn(z), None
         # g is evaluated at a copy of z that the graph can differentiate against, and the
         # pair is kept so that the log-det of this very call reuses it.
         memo = self._graph_at(z)
-        self._remember_ladj(memo)
-        return memo[0] + memo[1]
+        return memo[0] + memo[1], memo
 
     def _warm_start(self, w: Tensor) -> Tensor | None:
         """A starting point from the last cached pair, where it beats starting at ``w``.
@@ -460,11 +459,23 @@ class InvertibleResidual(InvertibleModule):
     def _iterative_side(self) -> str:
         return "inverse" if self.explicit == "forward" else "forward"
 
-    def _call(self, x: Tensor) -> Tensor:
-        return self._explicit(x) if self.explicit == "forward" else self._iterative(x)
+    # The block contract's hooks: the map and its forward log-det, lazily, so that sampling
+    # without scoring never pays for the log-det (the exact one costs D backward passes).
+    # The log-det is taken on the explicit side's input: x for explicit="forward", y (and
+    # negated) for explicit="inverse"; the explicit pass hands over the graph it built.
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, LazyLadj]:
+        if self.explicit == "forward":
+            y, memo = self._explicit(x)
+            return y, lambda: self.residual_logdet(x, memo)
+        y = self._iterative(x)
+        return y, lambda: -self.residual_logdet(y)
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self._explicit(y) if self.explicit == "inverse" else self._iterative(y)
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, LazyLadj]:
+        if self.explicit == "inverse":
+            x, memo = self._explicit(y)
+            return x, lambda: -self.residual_logdet(y, memo)
+        x = self._iterative(y)
+        return x, lambda: self.residual_logdet(x)
 
     # -- the log-determinant ------------------------------------------------------------------
     @property
@@ -594,10 +605,11 @@ class InvertibleResidual(InvertibleModule):
             **options,
         )
 
-    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor, memo: object) -> Tensor:
+    def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        # a pair from scratch (not the one this block just computed)
         if self.explicit == "forward":
-            return self.residual_logdet(x, memo)  # type: ignore[arg-type]
-        return -self.residual_logdet(y, memo)  # type: ignore[arg-type]
+            return self.residual_logdet(x)
+        return -self.residual_logdet(y)
 
     def extra_repr(self) -> str:
         return (
