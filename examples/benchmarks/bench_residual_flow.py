@@ -251,7 +251,14 @@ def ours_block_settings() -> dict[str, Any]:
         "explicit",
         "warm_start",
     ]
-    out = {k: getattr(block, k) for k in keys if hasattr(block, k)}
+    # estimator options live on the block's estimator object (LEGACY_OPTIONS maps the names)
+    from pyro_invres.transforms.iresnet import LEGACY_OPTIONS
+
+    def read(key: str) -> Any:
+        where, name = LEGACY_OPTIONS.get(key, ("block", key))
+        return getattr(block.estimator if where == "estimator" else block, name)
+
+    out = {"logdet": block.logdet_method, **{k: read(k) for k in keys[1:]}}
     sn = next(m for m in block.modules() if isinstance(m, SpectralNormScale))
     out["spectral_norm"] = {
         "n_power_iterations_cap": sn.n_power_iterations,
@@ -442,13 +449,8 @@ def jacobian_norms(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def cold_start() -> dict[str, Any]:
-    """``warm_start=False`` where the block has that option: every solve starts from its input."""
-    import inspect
-
-    from pyro_invres.transforms.iresnet import InvertibleResidual
-
-    params = inspect.signature(InvertibleResidual.__init__).parameters
-    return {"warm_start": False} if "warm_start" in params else {}
+    """``warm_start=False`` (a solver option): every solve starts from its input."""
+    return {"warm_start": False}
 
 
 def settle_spectral(model: nn.Module, run: Any, max_calls: int = 50) -> dict[str, Any]:
