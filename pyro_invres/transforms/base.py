@@ -32,7 +32,6 @@ The class docstring of :class:`InvertibleModule` says what a subclass implements
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Sequence
 
@@ -56,22 +55,6 @@ LazyLadj = Tensor | Callable[[], Tensor]
 def _settle(ladj: LazyLadj) -> Tensor:
     """The log-det tensor of what a hook returned."""
     return ladj if isinstance(ladj, Tensor) else ladj()
-
-
-_LEGACY_MEMO: dict[type, bool] = {}
-
-
-def _takes_memo(kind: type) -> bool:
-    """Whether ``kind._log_abs_det_jacobian`` still has the old ``(x, y, memo)`` signature.
-
-    Temporary: the side channel (``_remember_ladj``) is kept for blocks not yet moved to
-    the ``_call_and_ladj``/``_inverse_and_ladj`` hooks.
-    """
-    legacy = _LEGACY_MEMO.get(kind)
-    if legacy is None:
-        params = inspect.signature(kind._log_abs_det_jacobian).parameters  # type: ignore[attr-defined]
-        legacy = _LEGACY_MEMO[kind] = len(params) >= 4  # self, x, y, memo
-    return legacy
 
 
 # -- what a cached pair depends on ---------------------------------------------------------
@@ -139,7 +122,7 @@ def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 class _Slot:
     """One thread's cached pair, the log-det memo for it, and what both depend on."""
 
-    __slots__ = ("x", "y", "versions", "key", "state", "contexts", "digest", "memo", "pending")
+    __slots__ = ("x", "y", "versions", "key", "state", "contexts", "digest", "memo")
 
     def __init__(self) -> None:
         self.x: Tensor | None = None
@@ -151,7 +134,6 @@ class _Slot:
         self.contexts: list[Tensor] = []
         self.digest: tuple[object, ...] = ()
         self.memo: LazyLadj | None = None  # the pair's log-det, or how to compute it
-        self.pending: object = None  # legacy: what ``_remember_ladj`` stored in this call
 
 
 def as_event_shape(input_dim: int | Sequence[int]) -> tuple[int, ...]:
@@ -578,37 +560,13 @@ class InvertibleModule(TransformModule):
 
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, LazyLadj]:
         """``(f(x), forward log-det or how to compute it)``; default from ``_call``."""
-        self._slot().pending = None
         y = self._call(x)
-        return y, self._ladj_after(x, y)
+        return y, lambda: self._log_abs_det_jacobian(x, y)
 
     def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, LazyLadj]:
         """``(f^{-1}(y), forward log-det at it, or how to compute it)``; from ``_inverse``."""
-        self._slot().pending = None
         x = self._inverse(y)
-        return x, self._ladj_after(x, y)
-
-    def _ladj_after(self, x: Tensor, y: Tensor) -> LazyLadj:
-        slot = self._slot()
-        pending, slot.pending = slot.pending, None
-        if isinstance(pending, Tensor):
-            return pending
-        if pending is not None:  # legacy side channel (see _remember_ladj)
-            return lambda: self._log_abs_det_jacobian(x, y, pending)  # type: ignore[call-arg]
-        return lambda: self._pair_ladj(x, y)
-
-    def _remember_ladj(self, value: object) -> None:
-        """Deprecated side channel, kept until every block uses the hooks.
-
-        Called by a legacy ``_call``/``_inverse`` with what its 3-argument
-        ``_log_abs_det_jacobian(x, y, memo)`` needs (or the log-det itself).
-        """
-        self._slot().pending = value
-
-    def _pair_ladj(self, x: Tensor, y: Tensor) -> Tensor:
-        if _takes_memo(type(self)):
-            return self._log_abs_det_jacobian(x, y, None)  # type: ignore[call-arg]
-        return self._log_abs_det_jacobian(x, y)
+        return x, lambda: self._log_abs_det_jacobian(x, y)
 
     def _log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """The log-det of a pair, from scratch; the default reruns ``_call_and_ladj(x)``."""
@@ -634,7 +592,7 @@ class InvertibleModule(TransformModule):
             # a pair this block did not just compute (or changed since): check it like any input
             self._validate(x, "input of log_abs_det_jacobian")
             self._validate(y, "output given to log_abs_det_jacobian", self.output_shape)
-        return self._pair_ladj(x, y)
+        return self._log_abs_det_jacobian(x, y)
 
     def __repr__(self) -> str:
         return torch.nn.Module.__repr__(self)
