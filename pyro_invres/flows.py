@@ -96,7 +96,7 @@ def glow(
 
     .. math::
 
-        \\text{step} = \\text{AffineCoupling} \\circ \\text{Conv}_{1\\times1} \\circ
+        \\text{step} = \\text{BoundedAffineCoupling} \\circ \\text{Conv}_{1\\times1} \\circ
         \\text{ActNorm}
 
     Arguments:
