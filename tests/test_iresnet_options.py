@@ -179,3 +179,13 @@ def test_block_contract_log_det_is_lazy_and_matches_the_pair(explicit):
     assert torch.allclose(ladj, first, atol=1e-10)
     assert torch.allclose(ladj_inv, first, atol=1e-8)
     assert torch.allclose(x_back, x, atol=1e-8)
+
+
+def test_input_dim_is_the_one_shape_vocabulary():
+    from pyro_invres.nn import LipschitzMLP
+
+    block = InvertibleResidual(LipschitzMLP(3, [8], lipschitz=0.9), input_dim=3)
+    assert tuple(block.event_shape) == (3,)
+    assert tuple(conditional_iresnet((2,), 1, [4]).event_shape) == (2,)
+    with pytest.raises(ValueError, match=r"vector blocks: input_dim must be D or \(D,\)"):
+        conditional_iresnet((1, 4, 4), 1)

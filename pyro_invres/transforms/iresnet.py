@@ -279,9 +279,9 @@ class InvertibleResidual(InvertibleModule):
     """``z -> z + g(z)`` with ``Lip(g) < 1``, explicit in the direction of your choice.
 
     Arguments:
-        nn: the residual branch ``g``, a module mapping ``event_shape`` to itself with
+        nn: the residual branch ``g``, a module mapping the event shape to itself with
             ``Lip(g) <= lipschitz`` (e.g. :class:`~pyro_invres.nn.LipschitzMLP`).
-        event_shape: ``(D,)`` or ``(C, H, W)``.
+        input_dim: the event: ``D`` (or ``(D,)``) for vectors, ``(C, H, W)`` for images.
         lipschitz: the bound ``c`` on ``Lip(g)`` (defaults to ``nn.lipschitz``); used as the
             contraction factor in the solver's error bound.
         explicit: ``"forward"`` or ``"inverse"`` (see the module docstring).
@@ -323,7 +323,7 @@ class InvertibleResidual(InvertibleModule):
     def __init__(
         self,
         nn: nn.Module,
-        event_shape: int | Sequence[int],
+        input_dim: int | Sequence[int],
         *,
         lipschitz: float | None = None,
         explicit: str = "forward",
@@ -332,7 +332,7 @@ class InvertibleResidual(InvertibleModule):
         cache_size: int = 1,
         **legacy: Any,
     ) -> None:
-        super().__init__(as_event_shape(event_shape), cache_size=cache_size)
+        super().__init__(as_event_shape(input_dim), cache_size=cache_size)
         self.nn = nn
         self.lipschitz = _check_lipschitz(nn, lipschitz)
         self.explicit = _choice("explicit", explicit, EXPLICIT)
@@ -629,7 +629,7 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
     Arguments:
         nn: a module ``g(z, context=...)`` with ``Lip_z(g) <= lipschitz``
             (e.g. :class:`~pyro_invres.nn.ConditionalLipschitzMLP`).
-        event_shape: the event shape of ``z``.
+        input_dim: the event of ``z``: ``D`` or a shape.
         lipschitz: the bound ``c`` on ``Lip_z(g)`` (defaults to ``nn.lipschitz``).
         explicit: ``"forward"`` or ``"inverse"``.
         logdet: the log-det estimator, as for :class:`InvertibleResidual`.
@@ -653,7 +653,7 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
     def __init__(
         self,
         nn: nn.Module,
-        event_shape: int | Sequence[int],
+        input_dim: int | Sequence[int],
         *,
         lipschitz: float | None = None,
         explicit: str = "forward",
@@ -664,7 +664,7 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
     ) -> None:
         super().__init__()
         self.nn = nn
-        self.event_shape = as_event_shape(event_shape)
+        self.event_shape = as_event_shape(input_dim)
         self.lipschitz = _check_lipschitz(nn, lipschitz)
         self.explicit = _choice("explicit", explicit, EXPLICIT)
         if cache_size not in (0, 1):
@@ -789,7 +789,7 @@ def iresnet(
 
 
 def conditional_iresnet(
-    input_dim: int,
+    input_dim: int | Sequence[int],
     context_dim: int,
     hidden_dims: Sequence[int] | None = None,
     *,
@@ -804,7 +804,7 @@ def conditional_iresnet(
     """Build a :class:`ConditionalInvertibleResidual` with a conditional Lipschitz MLP.
 
     Arguments:
-        input_dim: the dimension ``D`` of the event.
+        input_dim: the dimension ``D`` of the event, or ``(D,)`` (vector events only).
         context_dim: the dimension of the context.
         hidden_dims: hidden layer sizes (default ``[max(64, 10 D)] * 2``).
         lipschitz: the bound on ``Lip_z(g)``, in ``(0, 1)``.
@@ -823,6 +823,14 @@ def conditional_iresnet(
         >>> flow.condition(torch.ones(1)).sample((3,)).shape
         torch.Size([3, 2])
     """
+    shape = as_event_shape(input_dim)
+    if len(shape) != 1:
+        raise ValueError(
+            f"conditional_iresnet builds vector blocks: input_dim must be D or (D,), got "
+            f"{input_dim!r}; for images pass a conditional network to "
+            "ConditionalInvertibleResidual(nn, (C, H, W))"
+        )
+    input_dim = shape[0]
     hidden = _default_hidden(input_dim) if hidden_dims is None else list(hidden_dims)
     net = ConditionalLipschitzMLP(
         input_dim,
