@@ -189,3 +189,27 @@ def test_input_dim_is_the_one_shape_vocabulary():
     assert tuple(conditional_iresnet((2,), 1, [4]).event_shape) == (2,)
     with pytest.raises(ValueError, match=r"vector blocks: input_dim must be D or \(D,\)"):
         conditional_iresnet((1, 4, 4), 1)
+
+
+def test_a_block_pickled_with_the_old_flat_attributes_loads_with_the_same_options():
+    import pickle
+
+    torch.manual_seed(0)
+    block = iresnet(3, [8], logdet="series", n_series_terms=3, solver="anderson", atol=1e-6)
+    # the attributes an earlier version kept (every estimator option, applicable or not)
+    state = {k: v for k, v in block.__dict__.items() if k not in ("_logdet", "_estimator")}
+    del state["_solver"]
+    state.update(
+        logdet="series", exact_max_dim=16, n_exact_terms=2, roulette="geometric",
+        roulette_param=0.5, n_series_terms=3, n_probes=1, probe="gaussian",
+        gradient="neumann", warm_start=True, solver="anderson",
+        solver_options={"atol": 1e-6, "rtol": None, "max_iter": 1000,
+                        "method": "anderson", "strict": False},
+    )  # fmt: skip
+    old = object.__new__(InvertibleResidual)
+    old.__dict__.update(state)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.logdet == Series(n_terms=3)
+    assert loaded.solver == Anderson(atol=1e-6)
+    x = torch.randn(4, 3)
+    assert torch.equal(loaded(x), block(x))

@@ -167,6 +167,37 @@ def _from_legacy(logdet: object, solver: object, legacy: Mapping[str, Any]) -> t
     return logdet, solver
 
 
+def _upgrade_flat_state(d: dict, event_shape: torch.Size) -> None:
+    """Turn the flat option attributes of a block pickled by an earlier version into objects.
+
+    The old state kept every estimator option whether or not it applied, so the objects are
+    rebuilt from the ones the stored ``logdet`` used (the same numbers as before).
+    """
+    old = {k: d.pop(k) for k in [*LEGACY_OPTIONS, "logdet", "solver"] if k in d}
+    solve = d.pop("solver_options", {})
+    stochastic = {k: old[k] for k in _STOCHASTIC if k in old}
+    roulette = {
+        "n_exact_terms": old.get("n_exact_terms", 2),
+        "distribution": old.get("roulette", "geometric"),
+        "param": old.get("roulette_param", 0.5),
+        **stochastic,
+    }
+    name = old.get("logdet", "auto")
+    if name == "series":
+        logdet: Estimator = Series(n_terms=old.get("n_series_terms", 10), **stochastic)
+    elif name == "roulette":
+        logdet = Roulette(**roulette)
+    elif name == "exact":
+        logdet = Exact()
+    else:
+        logdet = Auto(max_exact_dim=old.get("exact_max_dim", 16), otherwise=Roulette(**roulette))
+    d["_logdet"] = logdet
+    d["_estimator"] = logdet.resolve(math.prod(event_shape)) if isinstance(logdet, Auto) else logdet
+    fields = {k: solve[k] for k in ("atol", "rtol", "max_iter", "strict") if k in solve}
+    solver = as_solver(solve.get("method", old.get("solver", "fixed_point")))
+    d["_solver"] = type(solver)(**fields, warm_start=old.get("warm_start", True))
+
+
 def _hooked(net: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
 
@@ -340,6 +371,11 @@ class InvertibleResidual(InvertibleModule):
         self.logdet = logdet
         self.solver = solver
         self.solve_stats = SolveStats()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_solver" not in self.__dict__:
+            _upgrade_flat_state(self.__dict__, self.event_shape)
 
     # -- the options ----------------------------------------------------------------------------
     @property
@@ -673,6 +709,22 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
         logdet, solver = _from_legacy(logdet, solver, legacy)
         self.logdet = _check_estimator(logdet, self.event_shape)[0]
         self.solver = _check_solver(solver, nn, self.event_shape)
+        self.solve_stats = SolveStats()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "solver" in self.__dict__ or "options" not in self.__dict__:
+            return
+        # pickled by an earlier version, which kept the keyword options as a dict
+        options = dict(self.__dict__.pop("options"))
+        self.lipschitz = _check_lipschitz(self.nn, options.pop("lipschitz", None))
+        self.explicit = options.pop("explicit", "forward")
+        self.cache_size = options.pop("cache_size", 1)
+        solve = {k: options.pop(k) for k in ("atol", "rtol", "max_iter", "strict") if k in options}
+        flat = {**options, "solver_options": {**solve, "method": options.get("solver")}}
+        flat["solver_options"]["method"] = flat["solver_options"]["method"] or "fixed_point"
+        _upgrade_flat_state(flat, self.event_shape)
+        self.logdet, self.solver = flat["_logdet"], flat["_solver"]
         self.solve_stats = SolveStats()
 
     def condition(self, context: Tensor) -> InvertibleResidual:
