@@ -213,3 +213,13 @@ def test_a_block_pickled_with_the_old_flat_attributes_loads_with_the_same_option
     assert loaded.solver == Anderson(atol=1e-6)
     x = torch.randn(4, 3)
     assert torch.equal(loaded(x), block(x))
+
+
+def test_relu_branch_carries_the_right_jacobian():
+    torch.manual_seed(0)
+    block = iresnet(3, [8], activation="relu", logdet="exact").double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    ladj = block.log_abs_det_jacobian(x, block(x))
+    jac = torch.autograd.functional.jacobian(lambda v: block.nn(v).sum(0), x).transpose(0, 1)
+    eye = torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(ladj, torch.linalg.slogdet(eye + jac)[1], atol=1e-10)

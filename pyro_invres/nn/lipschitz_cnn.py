@@ -39,7 +39,7 @@ class LipschitzCNN(nn.Module):
         kernel_sizes: one odd kernel size per layer (``len(hidden_channels) + 1``);
             default ``3, 1, ..., 1, 3``.
         lipschitz: the bound ``c`` in ``(0, 1)``.
-        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         activation_kwargs: options of the activation (``beta``, ``omega``).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 

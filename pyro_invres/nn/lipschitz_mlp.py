@@ -75,7 +75,7 @@ class LipschitzMLP(nn.Module):
         input_dim: size ``D`` of the input (and output).
         hidden_dims: sizes of the hidden layers.
         lipschitz: the bound ``c`` on ``Lip(g)``, in ``(0, 1)``.
-        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         output_dim: size of the output (default ``input_dim``).
         split: ``"equal"`` or ``"learned"``: how ``c`` is shared between the layers.
         activation_kwargs: options of the activation, e.g. ``{"beta": 16.0}`` for a
@@ -238,7 +238,7 @@ class ConditionalLipschitzMLP(nn.Module):
         context_dim: size of the context ``z``.
         hidden_dims: sizes of the hidden layers (at least one).
         lipschitz: the bound ``c`` in ``(0, 1)``.
-        activation: ``"lipswish"``, ``"clipswish"``, ``"elu"`` or ``"sine"``.
+        activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         activation_kwargs: options of the activation (``beta``, ``omega``).
         **spectral_kwargs: passed to :func:`~pyro_invres.nn.spectral_norm`.
 

@@ -35,6 +35,11 @@ step ``||f(x) - x||`` did not shrink by the contraction factor against the last 
 point is replaced by the Banach step from that point, whose step is guaranteed to shrink
 by it, so the solve converges from any start. The stopping rule is the same Banach bound.
 
+An i-ResNet block takes its solver as an object carrying these options:
+:class:`FixedPoint`, :class:`Anderson` (with ``history``) or :class:`Newton`, each with
+``atol``, ``rtol``, ``max_iter``, ``strict`` and ``warm_start``; the method's name is the
+shorthand for the object with its defaults.
+
 References:
     [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
     [2] Walker & Ni, *Anderson Acceleration for Fixed-Point Iterations*, SIAM J. Numer.

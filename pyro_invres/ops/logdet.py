@@ -20,6 +20,13 @@ differentiate.
 
 All are differentiable when the vjp is built with ``create_graph=True``.
 
+An i-ResNet block chooses among them through a small typed object that carries the
+estimator's own options: :class:`Exact`, :class:`Series` (terms, probes, probe kind,
+gradient mode), :class:`Roulette` (exact terms, law of the extra terms and its parameter,
+probes, probe kind, gradient mode) or :class:`Auto` (exact up to a dimension, a stochastic
+estimator above). Each object checks its options when built; the block checks that it
+applies (an ``Auto`` whose stochastic options could never be used is an error).
+
 References:
     [1] Behrmann et al., *Invertible Residual Networks*, ICML 2019. arXiv:1811.00995
     [2] Chen et al., *Residual Flows for Invertible Generative Modeling*, NeurIPS 2019.
