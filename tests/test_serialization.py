@@ -434,19 +434,25 @@ def jit_svi_losses(guide, steps: int = 2) -> list[float]:
         return [svi.step() for _ in range(steps)]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="upstream: pyro-ppl/pyro#3132 (JitTrace_ELBO fails with AutoNormalizingFlow: "
+    "get_posterior aliases the first parameter as _prototype_tensor); Pyro's own "
+    "AutoIAFNormal fails the same way. Workaround: NoAliasNormalizingFlow below",
+)
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda: AutoNormalizingFlow(banana, GUIDE_FLOW), id="residual_flow"),
         pytest.param(lambda: AutoNormalizingFlow(banana, coupling_guide_flow), id="couplings"),
         pytest.param(lambda: AutoIAFNormal(banana, hidden_dim=[8]), id="pyro-AutoIAFNormal"),
     ],
 )
-def test_jit_trace_elbo_fails_for_auto_normalizing_flow_in_pyro(make):
-    """Documented: a Pyro limitation, the same for Pyro's own AutoIAFNormal."""
+def test_jit_trace_elbo_runs_auto_normalizing_flow(make):
+    """What a user should get (and gets with the alias removed, below)."""
     torch.manual_seed(0)
-    with pytest.raises(AssertionError):
-        jit_svi_losses(make())
+    losses = jit_svi_losses(make())
+    assert all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_jit_trace_elbo_with_the_alias_removed():
@@ -529,17 +535,27 @@ def test_inductor_matches_eager_with_the_carried_jacobian():
 
 
 @pytest.mark.slow
-def test_inductor_fails_on_the_vjp_logdet():
-    """Documented: where the exact log-det takes batched vector-Jacobian products (a network
-    without ``forward_with_jacobian``, or one with a forward hook), inductor's compiled
-    backward of the residual branch cannot run under them (a tensor without storage)."""
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="upstream: pytorch/pytorch#138422 (vmap with torch.autograd.grad does not work "
+    "on the output of an inductor-compiled function: a BatchedTensor has no storage)",
+)
+def test_inductor_matches_eager_on_the_vjp_logdet():
+    """Where the exact log-det takes batched vector-Jacobian products (a network without
+    ``forward_with_jacobian``, or one with a forward hook), inductor's compiled backward of
+    the residual branch cannot run under them; what a user should get is eager's value."""
     d, x = density("inverse")
     for part in d.transforms[0].parts:
         if hasattr(part, "solve_stats"):
             part.nn.register_forward_hook(lambda module, args, out: None)
+    expected = d.log_prob(x.clone())
     torch._dynamo.reset()
     compiled = torch.compile(d.log_prob)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="storage"):
-        warnings.simplefilter("ignore")
-        compiled(x.clone())
-    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = compiled(x.clone())
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
