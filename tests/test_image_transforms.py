@@ -1,14 +1,14 @@
-"""Properties of the image blocks: 1x1 convolution, downsampling, channel permutation."""
+"""Image blocks: 1x1 convolution, downsampling, channel permutation.
+
+Round trips, log-det and sign vs the Jacobian, shapes, dtype moves and state dicts are
+checked for every block in ``tests/test_contract.py``; here what is specific to these.
+"""
 
 from __future__ import annotations
-
-import io
 
 import pyro.distributions as dist
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 
 from pyro_invres.transforms.conv1x1 import InvertibleConv1x1, invertible_conv1x1
@@ -19,10 +19,7 @@ from pyro_invres.transforms.downsample import (
     invertible_downsampling,
 )
 
-TOL = 1e-8
-IMAGE_SHAPES = [(2, 4, 4), (3, 2, 2), (1, 2, 6)]
 BATCH_SHAPES = [(), (3,), (3, 4)]
-FEW = settings(max_examples=5, deadline=None)
 
 
 @pytest.fixture(autouse=True)
@@ -40,56 +37,6 @@ def perturb(block: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.M
         for p in block.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return block
-
-
-def build(kind: str, shape: tuple[int, ...], seed: int) -> torch.nn.Module:
-    """A block over ``shape`` (an image, or a vector when ``shape`` has one entry)."""
-    if kind == "conv":
-        return perturb(invertible_conv1x1(shape, seed=seed), seed)
-    if kind == "perm":
-        return channel_permutation(shape, seed=seed)
-    if kind == "down":
-        return invertible_downsampling(shape, factor=2)
-    raise AssertionError(kind)
-
-
-CASES = [(k, s) for k in ("conv", "perm", "down") for s in IMAGE_SHAPES] + [
-    ("conv", (5,)),
-    ("perm", (5,)),
-]
-case_ids = [f"{k}-{'x'.join(map(str, s))}" for k, s in CASES]
-
-
-@pytest.mark.parametrize(("kind", "shape"), CASES, ids=case_ids)
-@FEW
-@given(seed=st.integers(0, 2**16), batch=st.sampled_from(BATCH_SHAPES))
-def test_round_trip_both_ways(kind, shape, seed, batch):
-    block = build(kind, shape, seed)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*batch, *shape, generator=gen)
-    y = block._call(x)
-    assert torch.allclose(block._inverse(y), x, atol=TOL, rtol=0)
-    y = torch.randn(block.forward_shape(x.shape), generator=gen)
-    assert torch.allclose(block._call(block._inverse(y)), y, atol=TOL, rtol=0)
-
-
-@pytest.mark.parametrize(("kind", "shape"), CASES, ids=case_ids)
-@settings(max_examples=3, deadline=None)
-@given(seed=st.integers(0, 2**16))
-def test_logdet_and_sign_match_autograd_jacobian(kind, shape, seed):
-    block = build(kind, shape, seed)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    jac = jacobian(lambda v: block._call(v.reshape(shape)).reshape(-1), x.reshape(-1))
-    sign, logabs = torch.linalg.slogdet(jac)
-    ladj = block.log_abs_det_jacobian(x, block._call(x)).detach()
-    assert ladj.shape == ()
-    assert abs(float(ladj) - float(logabs)) < TOL
-    try:
-        claimed = block.sign
-    except NotImplementedError:
-        assert kind == "perm" and len(shape) == 3  # odd permutation of images
-    else:
-        assert claimed == int(sign)
 
 
 @pytest.mark.parametrize("batch", BATCH_SHAPES)
@@ -131,20 +78,6 @@ def test_channel_permutation_given():
     with pytest.raises(NotImplementedError, match="image size"):
         _ = ChannelPermutation(2, permutation=[1, 0]).sign
     assert ChannelPermutation(2, permutation=torch.tensor([1, 0]), event_dim=1).sign == -1
-
-
-@pytest.mark.parametrize(("kind", "shape"), CASES, ids=case_ids)
-@pytest.mark.parametrize("batch", BATCH_SHAPES)
-def test_shapes(kind, shape, batch):
-    block = build(kind, shape, 0)
-    x = torch.randn(*batch, *shape)
-    y = block(x)
-    out = shape if kind != "down" else block.output_shape
-    assert y.shape == block.forward_shape(x.shape) == (*batch, *out)
-    assert block.inverse_shape(y.shape) == x.shape
-    assert block.log_abs_det_jacobian(x, y).shape == batch
-    assert block(x) is y  # cached pair
-    assert block.inv(y) is x
 
 
 def test_image_blocks_accept_any_size_but_downsampling_is_fixed():
@@ -198,43 +131,6 @@ def test_gradients_reach_every_parameter():
     sample = flow.rsample((4,))
     (-flow.log_prob(sample).sum() + sample.square().sum()).backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
-
-
-@pytest.mark.parametrize(("kind", "shape"), CASES, ids=case_ids)
-def test_to_float64_moves_buffers(kind, shape):
-    torch.set_default_dtype(torch.float32)
-    block = build(kind, shape, 0)
-    for t in [*block.parameters(), *block.buffers()]:
-        assert t.dtype in (torch.float32, torch.int64, torch.bool)
-    x32 = torch.randn(2, *shape)
-    y32 = block._call(x32)
-    block = block.to(torch.float64)
-    for t in [*block.parameters(), *block.buffers()]:
-        assert t.dtype in (torch.float64, torch.int64, torch.bool)
-    x = x32.double()
-    y = block(x)
-    assert y.dtype == torch.float64
-    assert torch.allclose(y, y32.double(), atol=1e-5)
-    assert torch.allclose(block._inverse(y), x, atol=TOL, rtol=0)
-    if any(True for _ in block.parameters()):
-        with pytest.raises(ValueError, match="float32"):
-            block(x32)
-
-
-@pytest.mark.parametrize("kind", ["conv", "perm"])
-def test_state_dict_round_trip(kind):
-    shape = (3, 2, 2)
-    source, target = build(kind, shape, 1), build(kind, shape, 2)
-    x = torch.randn(5, *shape)
-    assert not torch.equal(source._call(x), target._call(x))
-    buffer = io.BytesIO()
-    torch.save(source.state_dict(), buffer)
-    buffer.seek(0)
-    target.load_state_dict(torch.load(buffer))
-    assert torch.equal(source._call(x), target._call(x))
-    assert torch.equal(source._inverse(x), target._inverse(x))
-    y = source._call(x)
-    assert torch.equal(source.log_abs_det_jacobian(x, y), target.log_abs_det_jacobian(x, y))
 
 
 def test_conv_initialisation_is_a_seeded_rotation():
