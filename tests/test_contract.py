@@ -622,6 +622,11 @@ def test_pickling_reproduces_the_block(case):
     expected = _outputs(case, module, x, y)
     clone = pickle.loads(pickle.dumps(module))
     _assert_same(expected, _outputs(case, clone, x, y))
+    # the copy trains: its own parameters receive the gradient
+    if any(True for _ in clone.parameters()):
+        clone.zero_grad()
+        transform(case, clone)(x.clone()).square().sum().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in clone.parameters())
 
 
 # Pyro's Permute (cache_size=1) keeps the last output, a non-leaf tensor, and
