@@ -115,6 +115,16 @@ def _fit_flow() -> nn.Module:
     return _build_flow(DEFAULTS["flow"], 2, **options)
 
 
+def _float64_conditional_iresnet() -> nn.Module:
+    """A conditional i-ResNet built around a float64 network (no float32 dummy probe)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return conditional_iresnet(3, CONTEXT, [6], explicit="inverse", logdet="exact")
+    finally:
+        torch.set_default_dtype(old)
+
+
 # one line per block or preset: name, builder, forward input event shape, flags
 CASES = [
     Case("iresnet", lambda: iresnet(3, [6], logdet="exact"), (3,), iterative=True),
@@ -142,6 +152,13 @@ CASES = [
     Case(
         "conditional_iresnet-inverse",
         lambda: conditional_iresnet(3, CONTEXT, [6], explicit="inverse", logdet="exact"),
+        (3,),
+        context=CONTEXT,
+        iterative=True,
+    ),
+    Case(
+        "conditional_iresnet-float64",
+        _float64_conditional_iresnet,
         (3,),
         context=CONTEXT,
         iterative=True,
