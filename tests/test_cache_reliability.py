@@ -343,3 +343,21 @@ def test_saving_a_state_dict_keeps_the_pair():
     block.solve_stats.reset()
     assert torch.equal(d.log_prob(y), before)
     assert block.solve_stats.solves == 0
+
+
+def test_a_permutation_buffer_written_through_data_is_seen():
+    """Integer buffers are part of the value digest: indices swapped through ``.data``
+    (no version bump) give the new map, not the cached one."""
+    from pyro_invres import ChannelPermutation
+
+    p = ChannelPermutation(4, event_dim=1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    p = p.double()
+    first = p(x)
+    perm = p.permutation.data
+    perm[[0, 1]] = perm[[1, 0]]
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(4)
+    p.inverse_permutation.data.copy_(inv)
+    assert torch.equal(p(x), x[..., perm])
+    assert not torch.equal(p(x), first)

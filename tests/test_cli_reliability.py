@@ -503,3 +503,16 @@ def test_ddp_example_stops_when_a_rank_hangs_mid_training(tmp_path):
         for p in ranks:
             p.kill()
             p.wait()
+
+
+def test_written_files_get_the_mode_an_ordinary_open_would(tmp_path):
+    """Atomic writes go through a temporary file (created 0600): the result is chmodded to
+    the umask's mode, so other users can read a checkpoint as they could before."""
+    from pyro_invres.checkpoint import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "x.bin", lambda h: h.write(b"1"))
+    finally:
+        os.umask(old)
+    assert (os.stat(path).st_mode & 0o777) == 0o644

@@ -104,8 +104,13 @@ _HOST_DTYPES = (torch.float32, torch.float64)
 _HOST_MAX_NUMEL = 1 << 20
 
 
-def _weight_digest(weight: Tensor) -> Tensor:
-    """Four float64 numbers that any edit of a weight changes (on the CPU).
+def _weight_digest(weight: Tensor, *vectors: Tensor) -> Tensor:
+    """Four float64 numbers that any edit of a weight (or of its singular vectors) changes.
+
+    The singular vectors ``vectors`` are digested with the weight: a state dict whose
+    ``u``/``v`` were replaced (vectors of another run, orthogonal junk) must not be
+    trusted for a weight it did not come with, or a capped training-mode refresh would
+    start from them and underestimate the norm.
 
     The sum, the norm and two position-weighted sums ``sum_k w_k k / n`` and
     ``sum_k w_k sin(k)``: averaging, rescaling, permuting rows or columns (model merging)
@@ -115,7 +120,8 @@ def _weight_digest(weight: Tensor) -> Tensor:
     w = weight.detach()
     if w.device.type == "meta":  # no values: nothing to vouch for
         return torch.full((4,), math.nan, dtype=torch.float64)
-    flat = w.to("cpu", torch.float64).reshape(-1).numpy()
+    parts = [w.reshape(-1), *(v.detach().reshape(-1) for v in vectors)]
+    flat = torch.cat([t.to("cpu", torch.float64) for t in parts]).numpy()
     k = np.arange(flat.size, dtype=np.float64)
     sums = [flat.sum(), math.sqrt((flat * flat).sum()), (flat * (k / max(flat.size, 1))).sum()]
     return torch.tensor([*sums, (flat * np.sin(k)).sum()], dtype=torch.float64)
@@ -436,7 +442,7 @@ class SpectralNormScale(nn.Module):
         saved = self.weight_digest.cpu()
         # compared at the buffer's precision (a .float() module keeps it in float32)
         genuine = bool(torch.isfinite(saved).all()) and torch.equal(
-            saved, _weight_digest(weight).to(saved.dtype)
+            saved, _weight_digest(weight, self.u, self.v).to(saved.dtype)
         )
         if genuine and bool(self.fresh):
             self._mark_seen(weight)
@@ -448,7 +454,7 @@ class SpectralNormScale(nn.Module):
     def note_saving(self, weight: Tensor) -> None:
         """Record in ``fresh`` whether (u, v) match the weight being saved, and its digest."""
         self.fresh.fill_(not self._changed(weight))
-        self.weight_digest.copy_(_weight_digest(weight))
+        self.weight_digest.copy_(_weight_digest(weight, self.u, self.v))
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any

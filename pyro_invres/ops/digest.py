@@ -56,7 +56,8 @@ def value_digest(tensors: list[Tensor]) -> tuple[object, ...]:
         # the weights while a trace runs, and a pair stored outside a trace never matches
         # this marker, nor one stored inside it a real digest
         return _TRACING
-    floating = [t for t in tensors if t.is_floating_point()]
+    # integer buffers too (a permutation's indices); complex tensors have no int view
+    floating = [t for t in tensors if not t.is_complex()]
     if not floating:
         return ()
     first = floating[0]
