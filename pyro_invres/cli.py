@@ -333,9 +333,7 @@ def _lock_holder(path: Path) -> tuple[str, bool]:
         os.kill(pid, 0)
     except ProcessLookupError:
         return f"pid {pid}", True
-    except PermissionError:  # alive, someone else's
-        pass
-    except OSError:
+    except OSError:  # PermissionError included: alive, someone else's
         return f"pid {pid}", False
     return f"pid {pid}", False
 

@@ -23,3 +23,17 @@ def residual_lipschitz(g, x: torch.Tensor) -> torch.Tensor:
         jac = torch.autograd.functional.jacobian(g, xi)
         worst = torch.maximum(worst, torch.linalg.matrix_norm(jac, ord=2))
     return worst
+
+
+def seeded_outputs(t, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Forward, inverse and both log-dets of transform ``t``, each on a fresh tensor after a
+    fixed seed (stochastic log-dets then reproduce), detached."""
+    torch.manual_seed(7)
+    fx = t(x.clone())
+    torch.manual_seed(8)
+    ladj_fx = t.log_abs_det_jacobian(x, fx)
+    torch.manual_seed(9)
+    iy = t.inv(y.clone())
+    torch.manual_seed(10)
+    ladj_iy = t.log_abs_det_jacobian(iy, y)
+    return [v.detach() for v in (fx, ladj_fx, iy, ladj_iy)]

@@ -34,7 +34,7 @@ from functools import partial
 import pyro.distributions as dist
 import pytest
 import torch
-from helpers import jacobian_logdet
+from helpers import jacobian_logdet, seeded_outputs
 from pyro.distributions.transforms import Permute as PyroPermute
 from torch import nn
 
@@ -507,16 +507,7 @@ def test_gradients_reach_every_parameter_from_both_sides(case):
 
 def _outputs(case, module, x, y):
     """Forward, inverse and both log-dets on fresh tensors, each after a fixed seed."""
-    t = transform(case, module)
-    torch.manual_seed(7)
-    fx = t(x.clone())
-    torch.manual_seed(8)
-    ladj_fx = t.log_abs_det_jacobian(x, fx)
-    torch.manual_seed(9)
-    iy = t.inv(y.clone())
-    torch.manual_seed(10)
-    ladj_iy = t.log_abs_det_jacobian(iy, y)
-    return [v.detach() for v in (fx, ladj_fx, iy, ladj_iy)]
+    return seeded_outputs(transform(case, module), x, y)
 
 
 def _assert_same(a, b):

@@ -23,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import seeded_outputs
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
@@ -61,16 +62,7 @@ def conditioned(module: torch.nn.Module) -> torch.nn.Module:
 
 def outputs(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """Forward, inverse and both log-dets, each on a fresh tensor, with a fixed seed."""
-    t = conditioned(module)
-    torch.manual_seed(7)
-    fx = t(x.clone())
-    torch.manual_seed(8)
-    ladj_fx = t.log_abs_det_jacobian(x, fx)
-    torch.manual_seed(9)
-    iy = t.inv(y.clone())
-    torch.manual_seed(10)
-    ladj_iy = t.log_abs_det_jacobian(iy, y)
-    return [fx.detach(), ladj_fx.detach(), iy.detach(), ladj_iy.detach()]
+    return seeded_outputs(conditioned(module), x, y)
 
 
 def train_a_little(module: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> None:

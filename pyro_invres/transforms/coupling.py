@@ -334,7 +334,11 @@ class _SplitBlock(InvertibleModule):
         return torch.cat([x1, x2], dim=-self.event_dim)
 
     def as_coupling(self) -> Coupling:
-        raise NotImplementedError
+        # every concrete split block says how it couples; the base cannot
+        raise NotImplementedError(
+            f"{type(self).__name__} splits its input but does not say how it couples: "
+            "implement as_coupling() returning a Coupling"
+        )
 
     # every split block is a coupling: the core computes both directions and the log-det
     def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
