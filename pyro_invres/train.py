@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -67,11 +68,29 @@ from .flows import build_flow as build_flow
 from .optim import JointOptim, joint_adam
 
 __all__ = [
+    "FIT_DEFAULTS",
     "DegenerateDataError",
     "FitResult",
     "NonFiniteLossError",
     "fit_density",
 ]
+
+#: The training schedule :func:`fit_density` and ``pyro-invres fit`` both default to: 1200
+#: Adam steps on batches of 256, the learning rate decaying geometrically from ``1e-2`` to
+#: ``1e-3`` (``lr_final`` is a fraction of ``lr``), gradient norms clipped at 10, and the
+#: held-out NLL scored every 100 steps. With ``build_flow("iresnet-2d", 2)`` it trains on
+#: ``moons`` in about a minute of one CPU thread; how the flow and the schedule were chosen
+#: is in the docs (``docs/tradeoffs.md``, "How the pyro-invres fit flow was tuned").
+FIT_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "steps": 1200,
+        "batch_size": 256,
+        "lr": 1e-2,
+        "lr_final": 0.1,
+        "clip_norm": 10.0,
+        "eval_every": 100,
+    }
+)
 
 _NON_FINITE = re.compile(r"non-finite|\b(nan|inf)\b", re.IGNORECASE)
 
@@ -141,11 +160,17 @@ class FitResult:
         train_nll: NLL of the training data (up to ``eval_max`` samples) in eval mode.
         test_nll: NLL of ``test_data`` in eval mode, or ``None``.
         wall_time: seconds spent in the optimisation steps of this call.
-        eval_time: seconds spent on the final evaluation.
+        eval_time: seconds spent scoring held-out data during training (``eval_every``)
+            and on the final evaluation.
         inverse_iterations: fixed-point iterations the blocks ran during this call.
         steps: the step reached (the total, counting resumed steps).
         start_step: the step training started (or resumed) from.
         checkpoint_path: where the checkpoint was written, if anywhere.
+        config: the run's configuration, as stored in the checkpoint.
+        history: the whole run's curves as plain lists (JSON-able), resumed steps
+            included: ``"step"`` (1, 2, ...) and ``"loss"`` (the training loss of each),
+            ``"eval_step"`` and ``"eval_nll"`` (the held-out NLL scored every
+            ``eval_every`` steps and at the last one; empty without ``test_data``).
 
     Example:
         >>> from pyro_invres.datasets import sample_toy
@@ -154,9 +179,11 @@ class FitResult:
         ...                      batch_size=64, progress=False)
         >>> len(result.losses), result.steps, result.test_nll is None
         (3, 3, True)
+        >>> result.history["step"], result.history["eval_step"]
+        ([1, 2, 3], [])
         >>> summary = result.summary()   # JSON-able: the last loss, not every one
-        >>> "losses" in summary, summary["final_loss"] == result.losses[-1]
-        (False, True)
+        >>> "losses" in summary, "history" in summary, summary["final_loss"] == result.losses[-1]
+        (False, False, True)
     """
 
     losses: list[float]
@@ -169,11 +196,13 @@ class FitResult:
     start_step: int = 0
     checkpoint_path: str | None = None
     config: dict = field(default_factory=dict)
+    history: dict[str, list] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the per-step losses, as plain JSON-able types."""
+        """Everything but the per-step losses and the history, as plain JSON-able types."""
         out = asdict(self)
         out.pop("losses")
+        out.pop("history")
         out["final_loss"] = self.losses[-1] if self.losses else None
         return out
 
@@ -199,14 +228,14 @@ def fit_density(
     flow: TransformModule,
     data: Tensor,
     *,
-    steps: int = 1000,
-    batch_size: int = 256,
-    lr: float = 1e-3,
+    steps: int = FIT_DEFAULTS["steps"],
+    batch_size: int = FIT_DEFAULTS["batch_size"],
+    lr: float = FIT_DEFAULTS["lr"],
     seed: int = 0,
     test_data: Tensor | None = None,
     device: str | torch.device = "cpu",
-    clip_norm: float | None = 10.0,
-    lr_final: float = 1.0,
+    clip_norm: float | None = FIT_DEFAULTS["clip_norm"],
+    lr_final: float = FIT_DEFAULTS["lr_final"],
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
     resume: bool = False,
@@ -214,6 +243,7 @@ def fit_density(
     metadata: Mapping[str, Any] | None = None,
     logdet_eval: str | None = None,
     eval_max: int = 10_000,
+    eval_every: int | None = FIT_DEFAULTS["eval_every"],
     progress: bool = True,
 ) -> FitResult:
     """Fit ``flow`` to ``data`` by maximum likelihood with Pyro's SVI.
@@ -230,7 +260,21 @@ def fit_density(
     one ``torch.optim.Adam`` over all parameters, which ``SVI`` drives like any
     :class:`pyro.optim.PyroOptim`; each parameter's gradient norm is clipped at
     ``clip_norm`` and the learning rate decays geometrically from ``lr`` to
-    ``lr * lr_final`` over ``steps``).
+    ``lr * lr_final`` over ``steps``). The defaults (:data:`FIT_DEFAULTS`) are the schedule
+    ``pyro-invres fit`` trains with, so its fit is, from Python::
+
+        flow = build_flow("iresnet-2d", 2)     # the command line's tuned flow
+        result = fit_density(flow, data, test_data=test)
+
+    (the command line also seeds every generator with its ``--seed`` before building the
+    flow, and draws its data after that: ``pyro.set_rng_seed(seed)`` first gives the same
+    initial weights).
+
+    With ``test_data``, the held-out NLL is scored every ``eval_every`` steps and at the
+    last one (:attr:`FitResult.history`), on at most ``eval_max`` evenly spaced rows of
+    it, exactly as the final ``test_nll`` is (eval mode, ``logdet_eval``). It draws no
+    random number that training sees: every generator's state is put back after it, so a
+    fixed-seed fit is bit for bit the same with or without it.
 
     Parameters live in a private scope of Pyro's param store, so the global store is
     left as it was and a second fit in the same process never picks up the first one's
@@ -273,7 +317,11 @@ def fit_density(
         metadata: anything else to store with it under ``"metadata"`` (plain types), such
             as the name of the data set.
         logdet_eval: log-det estimator for the final evaluation (``None``: the blocks' own).
-        eval_max: at most this many training rows are scored for ``train_nll``.
+        eval_max: at most this many training rows are scored for ``train_nll``, and at
+            most this many held-out rows at each ``eval_every`` step.
+        eval_every: score ``test_data`` every this many steps and at the last one
+            (``None``: never during training; without ``test_data`` there is nothing to
+            score). Either way the history's held-out lists then stay empty.
         progress: show a tqdm progress bar on stderr.
 
     Returns:
@@ -288,11 +336,21 @@ def fit_density(
         >>> from pyro_invres.datasets import sample_toy
         >>> flow = build_flow("iresnet", 2, num_blocks=1, hidden_dims=[16])
         >>> result = fit_density(flow, sample_toy("moons", 512, seed=0), steps=20,
-        ...                      batch_size=128, lr=1e-2, progress=False)
+        ...                      batch_size=128, progress=False)
         >>> len(result.losses), result.losses[-1] < result.losses[0]
         (20, True)
+
+        The command line's flow and schedule (here cut to 6 steps), scored every 3:
+
+        >>> data, test = sample_toy("moons", 2048, seed=0), sample_toy("moons", 512, seed=1)
+        >>> flow = build_flow("iresnet-2d", 2)
+        >>> result = fit_density(flow, data, test_data=test, steps=6, eval_every=3,
+        ...                      progress=False)
+        >>> result.history["eval_step"], result.history["eval_nll"][-1] == result.test_nll
+        ([3, 6], True)
     """
     _check_fit_args(data, steps, batch_size, lr, checkpoint_every, resume, checkpoint_path)
+    _check_eval_every(eval_every)
     gaussian_nll, narrow = _check_not_degenerate(data)
     device = torch.device(device)
     flow.to(device)
@@ -329,9 +387,14 @@ def fit_density(
 
     optim = joint_adam(lr, clip_norm=clip_norm, gamma=float(lr_final) ** (1.0 / steps))
     pyro.set_rng_seed(seed)
-    start, losses = 0, []
+    start, losses, evals = 0, [], _EvalHistory()
     if resume and Path(checkpoint_path).is_file():  # type: ignore[arg-type]
-        start, losses = _restore(flow, optim, load_checkpoint(checkpoint_path), steps, run_config)  # type: ignore[arg-type]
+        state = load_checkpoint(checkpoint_path)  # type: ignore[arg-type]
+        start, losses = _restore(flow, optim, state, steps, run_config)
+        evals = _EvalHistory.from_checkpoint(state, start, str(checkpoint_path))
+    held_out = None
+    if test_data is not None and eval_every is not None:
+        held_out = _spread_rows(test_data.to(device, data.dtype), int(eval_max))
 
     # ActNorm initialises here, from the data and before the first step (a restored one
     # is initialised already and stays as it is), never from whatever the first call sees
@@ -361,8 +424,13 @@ def fit_density(
                 raise NonFiniteLossError(step + 1, loss, where)
             watch.check(step + 1, float(loss), where)
             losses.append(float(loss))
+            if held_out is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                evals.score(step + 1, flow, held_out, logdet_eval)
             if progress and (step % 10 == 0 or step + 1 == steps):
-                bar.set_postfix(nll=f"{loss:.3f}", refresh=False)
+                shown = {"nll": f"{loss:.3f}"}
+                if evals.nll:
+                    shown["test"] = f"{evals.nll[-1]:.3f}"
+                bar.set_postfix(shown, refresh=False)
             if checkpoint_path is not None and (
                 (step + 1) % checkpoint_every == 0 or step + 1 == steps
             ):
@@ -374,9 +442,10 @@ def fit_density(
                     "rng": _rng_state(),
                     "config": run_config,
                     "losses": list(losses),
+                    "history": evals.as_dict(),
                 }
                 save_checkpoint(checkpoint_path, state)
-        wall = time.perf_counter() - wall
+        wall = time.perf_counter() - wall - evals.seconds
         iterations = inverse_iterations(flow) - iterations_before
 
     evaluation = time.perf_counter()
@@ -390,12 +459,18 @@ def fit_density(
         train_nll=train_nll,
         test_nll=test_nll,
         wall_time=wall,
-        eval_time=time.perf_counter() - evaluation,
+        eval_time=time.perf_counter() - evaluation + evals.seconds,
         inverse_iterations=iterations,
         steps=steps,
         start_step=start,
         checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
         config=run_config,
+        history={
+            # the losses end at the last step; a checkpoint may hold fewer than its step
+            "step": list(range(steps - len(losses) + 1, steps + 1)),
+            "loss": list(losses),
+            **evals.as_dict(),
+        },
     )
 
 
@@ -611,6 +686,64 @@ def _check_fit_args(
         raise ValueError(f"lr must be positive, got {lr!r}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path")
+
+
+def _check_eval_every(eval_every: int | None) -> None:
+    if eval_every is None:
+        return
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(
+            f"eval_every must be a positive integer (steps) or None, got {eval_every!r}"
+        )
+
+
+@dataclass
+class _EvalHistory:
+    """The held-out NLL scored during training: at which steps, its values, the seconds spent."""
+
+    step: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def score(self, step: int, flow: TransformModule, rows: Tensor, logdet: str | None) -> None:
+        """Score ``rows`` as the final evaluation does, leaving every RNG as it was.
+
+        A stochastic log-det (or anything else in eval mode) may draw random numbers;
+        restoring the generators keeps training bit for bit what it is without scoring.
+        """
+        started = time.perf_counter()
+        saved = _rng_state()
+        try:
+            nll = evaluate_nll(flow, rows, logdet=logdet)
+        finally:
+            _set_rng_state(saved)
+        self.step.append(int(step))
+        self.nll.append(float(nll))
+        self.seconds += time.perf_counter() - started
+
+    def as_dict(self) -> dict[str, list]:
+        return {"eval_step": list(self.step), "eval_nll": list(self.nll)}
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any], step: int, where: str) -> _EvalHistory:
+        """The scores a checkpoint holds (none in checkpoints written before they were kept)."""
+        history = state.get("history")
+        if history is None:
+            return cls()
+        steps = history.get("eval_step") if isinstance(history, Mapping) else None
+        values = history.get("eval_nll") if isinstance(history, Mapping) else None
+        ints = isinstance(steps, list) and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= step for s in steps
+        )
+        numbers = isinstance(values, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values
+        )
+        if not (ints and numbers and len(steps) == len(values)):  # type: ignore[arg-type]
+            raise CheckpointError(
+                f"checkpoint {where}: 'history' must hold equally long lists 'eval_step' "
+                f"(steps 1..{step}) and 'eval_nll' (numbers), got {history!r:.120}"
+            )
+        return cls([int(s) for s in steps], [float(v) for v in values])  # type: ignore[union-attr]
 
 
 def _restore(
