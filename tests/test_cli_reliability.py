@@ -84,6 +84,7 @@ def quick_plots(monkeypatch):
 
     monkeypatch.setattr(cli, "_plot_density", plot)
     monkeypatch.setattr(cli, "_plot_samples", plot)
+    monkeypatch.setattr(cli, "_plot_loss", plot)
 
 
 # -- item 14: the same seed, the same run ------------------------------------------------------
@@ -264,13 +265,14 @@ def test_bad_arguments_and_places_are_one_line_errors(run, tmp_path, capsys):
     one_line_error(
         capsys, ["sample", "--checkpoint", checkpoint, "--device", "meta", "--out", "x.pt"]
     )
-    # argparse's own usage error for flags that exclude each other
-    with pytest.raises(SystemExit) as info:
-        main(fit_argv(tmp_path / "b", "--resume", "--overwrite"))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: argument --overwrite: not allowed with argument --resume" in err
-    assert "Traceback" not in err
+    # argparse's own usage error for flags that exclude each other: status 2, one line
+    one_line_error(
+        capsys,
+        fit_argv(tmp_path / "b", "--resume", "--overwrite"),
+        "argument --overwrite/--force: not allowed with argument --resume",
+        status=2,
+    )
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
@@ -351,7 +353,7 @@ def test_fit_keeps_checkpoint_and_metrics_when_the_plots_hit_a_full_disk(
     one_line_error(capsys, fit_argv(out), "density.png failed", "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["failed"]) == {"density.png", "samples.png"}
+    assert set(metrics["failed"]) == {"density.png", "samples.png", "loss.png"}
     assert math.isfinite(metrics["test_nll"]) and metrics["sample_n"] == 2000
 
 
@@ -365,7 +367,8 @@ def test_fit_keeps_its_outputs_when_sampling_fails(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(cli, "_sample", singular)
     out = tmp_path / "run"
     one_line_error(capsys, fit_argv(out), "sampling failed", "singular", "checkpoint.pt")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "density.png", "metrics.json"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint.pt", "density.png", "loss.png", "metrics.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "singular" in metrics["failed"]["sampling"] and math.isfinite(metrics["test_nll"])
     assert metrics["sample_n"] is None

@@ -293,8 +293,8 @@ def test_cli_sample_and_evaluate(fitted, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["nll"] > report["nll"]
 
 
-def one_line_error(capsys, argv, *needles):
-    assert main(argv) == 1
+def one_line_error(capsys, argv, *needles, status=1):
+    assert main(argv) == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for needle in needles:
@@ -302,10 +302,11 @@ def one_line_error(capsys, argv, *needles):
 
 
 def test_cli_errors_are_one_line(fitted, tmp_path, capsys):
+    # choices are argparse's: a usage error, status 2, also one line
     one_line_error(
-        capsys, ["fit", "--dataset", "banana", "--out", str(tmp_path)], "banana", "moons"
+        capsys, ["fit", "--dataset", "banana", "--out", str(tmp_path)], "banana", "moons", status=2
     )
-    one_line_error(capsys, ["fit", "--flow", "glow", "--out", str(tmp_path)], "glow")
+    one_line_error(capsys, ["fit", "--flow", "glow", "--out", str(tmp_path)], "glow", status=2)
     missing = str(tmp_path / "nope.pt")
     one_line_error(capsys, ["evaluate", "--checkpoint", missing], "no checkpoint")
     broken = tmp_path / "broken.pt"
@@ -326,5 +327,5 @@ def test_cli_errors_are_one_line(fitted, tmp_path, capsys):
         "does not exist",
     )
     one_line_error(
-        capsys, ["evaluate", "--checkpoint", checkpoint, "--dataset", "banana"], "banana"
+        capsys, ["evaluate", "--checkpoint", checkpoint, "--dataset", "banana"], "banana", status=2
     )
