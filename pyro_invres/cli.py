@@ -200,9 +200,23 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line (the option, what was wrong, where to read
     more) instead of the whole usage text above it; the exit status stays 2."""
 
+    #: The subcommands' parsers, by name (on the top-level parser).
+    commands: dict[str, _Parser]
+
     def error(self, message: str) -> None:  # type: ignore[override]
         text = " ".join(message.split())
         self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+    def refuse_unknown(self, extra: Sequence[str]) -> None:
+        """Report options this command does not know, naming those a prefix would have
+        matched (no option is ever abbreviated)."""
+        known = [s for action in self._actions for s in action.option_strings]
+        unknown = [token.split("=")[0] for token in extra if token.startswith("--")]
+        meant = sorted({k for token in unknown for k in known if k.startswith(token)})
+        hint = (
+            f"; options are never abbreviated: did you mean {' or '.join(meant)}?" if meant else ""
+        )
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 class _VersionAction(argparse.Action):
@@ -249,13 +263,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_VersionAction, help="print versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _fit_parser(sub, common)
-    _sample_parser(sub, common)
-    _evaluate_parser(sub, common)
+    parser.commands = {
+        "fit": _fit_parser(sub, common),
+        "sample": _sample_parser(sub, common),
+        "evaluate": _evaluate_parser(sub, common),
+    }
     return parser
 
 
-def _fit_parser(sub: Any, common: dict[str, Any]) -> None:
+def _fit_parser(sub: Any, common: dict[str, Any]) -> _Parser:
     d = DEFAULTS
     fit = sub.add_parser(
         "fit",
@@ -417,9 +433,10 @@ def _fit_parser(sub: Any, common: dict[str, Any]) -> None:
         action="store_true",
         help="replace the run already in OUT (its checkpoint, metrics and plots are deleted)",
     )
+    return fit
 
 
-def _sample_parser(sub: Any, common: dict[str, Any]) -> None:
+def _sample_parser(sub: Any, common: dict[str, Any]) -> _Parser:
     sample = sub.add_parser(
         "sample",
         help="draw samples from a checkpoint's flow",
@@ -437,9 +454,10 @@ def _sample_parser(sub: Any, common: dict[str, Any]) -> None:
     )
     sample.add_argument("--seed", type=int, default=0, help="seeds the draw")
     sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    return sample
 
 
-def _evaluate_parser(sub: Any, common: dict[str, Any]) -> None:
+def _evaluate_parser(sub: Any, common: dict[str, Any]) -> _Parser:
     evaluate = sub.add_parser(
         "evaluate",
         help="held-out NLL of a checkpoint's flow",
@@ -477,6 +495,7 @@ def _evaluate_parser(sub: Any, common: dict[str, Any]) -> None:
         help="toy data sets only: seed of the fresh points (default: the fit's seed + 1)",
     )
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    return evaluate
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -860,8 +879,7 @@ def _density_1d_figure(flow: torch.nn.Module, data: _RunData, title: str, log_de
     ax = figure.subplots()
     ax.hist(x, bins=80, range=(lo, hi), density=True, color="0.7", label="data")
     ax.plot(grid.numpy(), logp if log_density else np.exp(logp), color="C1", label="model")
-    if log_density:
-        ax.set_yscale("linear")
+    if log_density:  # the tails fall without bound: show the top 12 nats
         ax.set_ylim(logp.max() - 12, logp.max() + 1)
     ax.set_xlabel(data.columns[0])
     ax.set_ylabel("log density" if log_density else "density")
@@ -983,12 +1001,6 @@ def _fit_with_threads(args: argparse.Namespace) -> int:
     )
     data = _file_data(args) if args.data is not None else _toy_data(args)
     _check_flow_builds(args.flow, data.dim, options)
-    if args.batch_size > len(data.train):
-        _note(
-            "fit",
-            f"--batch-size {args.batch_size} is more than the {len(data.train)} training rows: "
-            f"each step uses all {len(data.train)}",
-        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is a file; --out names a directory")
@@ -1016,6 +1028,12 @@ def _fit_run(
     from .flows import build_flow
     from .train import fit_density
 
+    if args.batch_size > len(data.train):
+        _note(
+            "fit",
+            f"--batch-size {args.batch_size} is more than the {len(data.train)} training rows: "
+            f"each step uses all {len(data.train)}",
+        )
     checkpoint = out / "checkpoint.pt"
     if args.resume and checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -1397,8 +1415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["evaluate", "--checkpoint", "/no/such/checkpoint.pt"])
         1
     """
+    parser = _parser()
     try:
-        args = _parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the command's own parser, which knows its options
+            parser.commands[args.command].refuse_unknown(extra)
     except SystemExit as done:  # --help, --version (0) and usage errors (2, one line)
         return done.code if isinstance(done.code, int) else 1
     from .checkpoint import CheckpointError
