@@ -20,6 +20,7 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 
 from .transforms.actnorm import ActNorm
@@ -27,11 +28,20 @@ from .transforms.conv1x1 import InvertibleConv1x1
 from .transforms.coupling import affine_coupling
 from .transforms.downsample import ChannelPermutation, InvertibleDownsampling
 from .transforms.inverse import Inverse
-from .transforms.iresnet import iresnet
+from .transforms.iresnet import conditional_iresnet, iresnet
 from .transforms.revnet import revnet_block
 from .transforms.subset import ChannelSubset
 
-__all__ = ["FLOWS", "PRESETS", "base_shape", "build_flow", "glow", "irevnet", "residual_flow"]
+__all__ = [
+    "FLOWS",
+    "PRESETS",
+    "base_shape",
+    "build_flow",
+    "conditional_residual_flow",
+    "glow",
+    "irevnet",
+    "residual_flow",
+]
 
 Step = Callable[[tuple[int, int, int]], list[TransformModule]]
 
@@ -251,6 +261,63 @@ def residual_flow(
         if actnorm:
             parts.append(ActNorm(input_dim))
     return ComposeTransformModule(parts)
+
+
+def conditional_residual_flow(
+    input_dim: int | Sequence[int],
+    context_dim: int,
+    num_blocks: int = 5,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    explicit: str = "inverse",
+    actnorm: bool = True,
+    **kwargs: Any,
+) -> ConditionalComposeTransformModule:
+    """A conditional residual flow: conditional i-ResNet blocks interleaved with ActNorm.
+
+    .. math::
+
+        f(\\cdot\\,;x) = A_K \\circ F_K(\\cdot\\,;x) \\circ \\cdots \\circ A_1 \\circ
+        F_1(\\cdot\\,;x), \\qquad F_k(z; x) = z + g_k(z; x),\\ \\mathrm{Lip}_z(g_k) < 1
+
+    Each ``g_k`` is a :class:`~pyro_invres.nn.ConditionalLipschitzMLP`: the context enters
+    the first hidden layer, so the bound holds in ``z`` for every context. The stack maps
+    base noise to the variable (Pyro's forward); with the default ``explicit="inverse"``
+    scoring (training) is one pass per block and sampling solves each block's fixed point.
+    Put it in :class:`~pyro_invres.npe.ConditionalFlow` for batched contexts, an embedding
+    network, z-scoring and a bounded support, or in Pyro's
+    ``ConditionalTransformedDistribution``.
+
+    Arguments:
+        input_dim: the dimension ``D`` of the variable (``D`` or ``(D,)``).
+        context_dim: the dimension of the context the blocks see.
+        num_blocks: i-ResNet blocks.
+        hidden_dims: hidden sizes of each block's network (default ``[max(64, 10 D)] * 2``).
+        explicit: ``"inverse"`` (cheap scoring: density estimation, NPE) or ``"forward"``
+            (cheap sampling: amortised variational guides).
+        actnorm: put an :class:`~pyro_invres.transforms.ActNorm` after each block.
+        **kwargs: options of :func:`~pyro_invres.conditional_iresnet` (``lipschitz``,
+            ``logdet``, ``solver``, ``activation``, ``activation_kwargs``), the same for
+            every block.
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> flow = conditional_residual_flow(2, context_dim=3, num_blocks=2, hidden_dims=[16])
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> q = dist.ConditionalTransformedDistribution(base, [flow]).condition(torch.ones(3))
+        >>> q.sample((5,)).shape, len(flow)
+        (torch.Size([5, 2]), 4)
+    """
+    if isinstance(num_blocks, bool) or int(num_blocks) != num_blocks or num_blocks < 1:
+        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+    dim = _vector_dim(input_dim)
+    parts: list[Any] = []
+    for _ in range(int(num_blocks)):
+        block = conditional_iresnet(dim, context_dim, hidden_dims, explicit=explicit, **kwargs)
+        parts.append(block)
+        if actnorm:
+            parts.append(ActNorm(dim))
+    return ConditionalComposeTransformModule(parts)
 
 
 # -- flows by name -------------------------------------------------------------------------------

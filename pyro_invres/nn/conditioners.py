@@ -241,14 +241,29 @@ class ContextBound(nn.Module):
 
     What a conditional block's ``.condition(context)`` hands to the unconditional block.
 
+    With ``event_dim`` given, every call checks that the context's batch shape expands to
+    the batch shape of ``x`` (its shape less ``event_dim`` trailing dimensions): a block
+    must return its input's shape, and a network that broadcasts ``x`` against a larger
+    context batch would silently return a larger tensor.
+
+    Arguments:
+        net: a conditional network ``net(x, context=c)``.
+        context: the context, ``(..., context_dim)``.
+        event_dim: the event dimensions of ``x`` (``None``: no shape check here, the
+            network checks what it needs).
+
     Example:
         >>> import torch
         >>> net = make_conditioner(2, 2, [8], context_dim=3)
         >>> ContextBound(net, torch.zeros(3))(torch.randn(4, 2)).shape
         torch.Size([4, 2])
+        >>> ContextBound(net, torch.zeros(5, 3), event_dim=1)(torch.randn(4, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: the context's batch shape (5,) does not expand to the batch shape (4,) ...
     """
 
-    def __init__(self, net: nn.Module, context: Tensor) -> None:
+    def __init__(self, net: nn.Module, context: Tensor, event_dim: int | None = None) -> None:
         super().__init__()
         if not isinstance(context, Tensor):
             raise TypeError(f"context must be a Tensor, got {type(context).__name__}")
@@ -267,8 +282,15 @@ class ContextBound(nn.Module):
             raise ValueError("context has non-finite values (nan or inf)")
         self.net = net
         self.context = context
+        self.event_dim = event_dim
+
+    def _check(self, x: Tensor) -> None:
+        # a scalar context is left to the network, whose message names its context_dim
+        if self.event_dim is not None and self.context.dim():
+            _check_context(self.context, self.context.shape[-1], x, event_dim=self.event_dim)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        self._check(x)
         return self.net(x, context=self.context)
 
     @property
@@ -281,7 +303,12 @@ class ContextBound(nn.Module):
         inner = getattr(self.net, "forward_with_jacobian", None)
         if inner is None:
             raise AttributeError(f"{type(self.net).__name__} has no forward_with_jacobian")
-        return lambda x: inner(x, context=self.context)
+
+        def call(x: Tensor) -> tuple[Tensor, Tensor]:
+            self._check(x)
+            return inner(x, context=self.context)
+
+        return call
 
 
 def _lean_forward(net: ConditionalDenseNN, x: Tensor) -> Tensor | tuple[Tensor, ...]:

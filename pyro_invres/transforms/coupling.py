@@ -388,7 +388,13 @@ class _ConditionalBlock(ConditionalTransformModule):
         for dim in self._context_dims():
             # here, not as a matrix-multiply error (an IndexError for a scalar) at first use
             _check_context(context, dim)
-        bound = {name: ContextBound(getattr(self, name), context) for name in self.net_names}
+        # a block keeps its input's shape: a context batch that does not expand to the
+        # input's batch is refused, whatever the network would broadcast
+        event_dim = len(self.event_shape)
+        bound = {
+            name: ContextBound(getattr(self, name), context, event_dim=event_dim)
+            for name in self.net_names
+        }
         return self.block(input_dim=self.event_shape, **bound, **self.options)
 
     def extra_repr(self) -> str:

@@ -59,7 +59,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..nn.conditioners import ContextBound
+from ..nn.conditioners import ContextBound, _check_context
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from ..ops.fixed_point import FixedPoint, Newton, SolveInfo, SolverName, as_solver
@@ -728,9 +728,19 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
         self.solve_stats = SolveStats()
 
     def condition(self, context: Tensor) -> InvertibleResidual:
-        """The block for ``context``: shares parameters, options and :attr:`solve_stats`."""
+        """The block for ``context``: shares parameters, options and :attr:`solve_stats`.
+
+        ``context`` is ``(..., context_dim)``; its batch shape must expand to the batch
+        shape of every input the block then sees (one context, ``(context_dim,)``, for a
+        whole batch; ``(B, context_dim)`` for inputs ``(B, D)`` or ``(n, B, D)``), and a
+        context that does not is refused with an error naming both shapes: a block keeps
+        its input's shape, so it never broadcasts its input against a larger context.
+        """
+        context_dim = getattr(self.nn, "context_dim", None)
+        if isinstance(context_dim, int) and context_dim > 0:
+            _check_context(context, context_dim)
         block = InvertibleResidual(
-            ContextBound(self.nn, context),
+            ContextBound(self.nn, context, event_dim=len(self.event_shape)),
             self.event_shape,
             lipschitz=self.lipschitz,
             explicit=self.explicit,
