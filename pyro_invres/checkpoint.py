@@ -13,7 +13,12 @@ saved with :func:`torch.save`:
 * ``config["flow"]`` is the ``flow_config`` that :func:`~pyro_invres.flows.build_flow`
   records (the flow's name, ``input_dim`` and options, plain types only);
   :func:`load_flow` checks it against the stored tensors before building anything, then
-  rebuilds the flow by name.
+  rebuilds the flow by name;
+* ``config["metadata"]["standardization"]``, written by ``pyro-invres fit --data``, holds
+  the per-column mean and standard deviation the flow's data were standardised with
+  (:class:`~pyro_invres.data_files.Standardization`): :func:`load_standardization` reads
+  it, and ``load_flow(path, data_units=True)`` returns the flow followed by the map back
+  to data units, so its samples and densities are in the units of the data file.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "atomic_write",
     "load_checkpoint",
     "load_flow",
+    "load_standardization",
     "save_checkpoint",
 ]
 
@@ -360,8 +366,55 @@ def _probe_shapes(
     return expected
 
 
-def load_flow(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TransformModule:
+def load_standardization(checkpoint: str | os.PathLike | Mapping[str, Any]) -> Any:
+    """The per-column standardisation a checkpoint stores, or ``None`` if it has none.
+
+    ``pyro-invres fit --data FILE`` fits the flow to standardised columns and stores their
+    training-row means and standard deviations in the checkpoint; flows fitted to toy data
+    sets or from Python have none.
+
+    Returns:
+        A :class:`~pyro_invres.data_files.Standardization`, or ``None``.
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, or a stored standardisation that is
+            malformed or has another number of columns than the flow.
+
+    Example:
+        >>> load_standardization({"config": {"metadata": {"dataset": "moons"}}}) is None
+        True
+        >>> entry = {"mean": [10.0, 0.0], "std": [2.0, 0.5]}
+        >>> state = {"config": {"flow": {"input_dim": 2},
+        ...                     "metadata": {"standardization": entry}}}
+        >>> load_standardization(state).std.tolist()
+        [2.0, 0.5]
+    """
+    from .data_files import Standardization
+
+    state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    config = state.get("config")
+    metadata = config.get("metadata") if isinstance(config, Mapping) else None
+    entry = metadata.get("standardization") if isinstance(metadata, Mapping) else None
+    if entry is None:
+        return None
+    flow = config.get("flow")
+    dim = flow.get("input_dim") if isinstance(flow, Mapping) else None
+    try:
+        return Standardization.from_dict(entry, dim if isinstance(dim, int) else None)
+    except ValueError as err:
+        raise CheckpointError(f"the checkpoint's standardisation is damaged: {err}") from err
+
+
+def load_flow(
+    checkpoint: str | os.PathLike | Mapping[str, Any], *, data_units: bool = False
+) -> TransformModule:
     """Rebuild the flow stored in a checkpoint (a path or a loaded dict), in eval mode.
+
+    With ``data_units=True`` and a checkpoint of ``pyro-invres fit --data``, the flow is
+    followed by the map from standardised columns back to data units
+    (:meth:`~pyro_invres.data_files.Standardization.wrap`): its samples, and the
+    ``log_prob`` of a density built on it, are in the units of the data file. Without a
+    stored standardisation the flow is returned as it is.
 
     The flow config is checked against the stored tensors (names and shapes) before the
     flow is built, so a config that asks for more than the file holds fails at once
@@ -387,15 +440,20 @@ def load_flow(checkpoint: str | os.PathLike | Mapping[str, Any]) -> TransformMod
         (False, True)
     """
     if isinstance(checkpoint, Mapping):
-        state = checkpoint
-        missing = [k for k in ("step", "flow_state", "config") if k not in state]
-        if missing:
-            raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}")
-        _check_structure(
-            {"optim_state": {}, "rng": {}, **state}, "the checkpoint"
-        )  # optimiser and RNG states are not needed to rebuild the flow
+        state: Mapping[str, Any] = checkpoint
     else:
         state = load_checkpoint(checkpoint)
+    flow = _rebuild_flow(state)
+    scale = load_standardization(state) if data_units else None
+    return flow if scale is None else scale.wrap(flow).eval()
+
+
+def _rebuild_flow(state: Mapping[str, Any]) -> TransformModule:
+    missing = [k for k in ("step", "flow_state", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}")
+    # optimiser and RNG states are not needed to rebuild the flow
+    _check_structure({"optim_state": {}, "rng": {}, **state}, "the checkpoint")
     config = dict(state["config"].get("flow") or {})
     if "name" not in config or "input_dim" not in config:
         raise CheckpointError("the checkpoint has no flow config to rebuild the flow from")

@@ -1161,7 +1161,12 @@ def _fit_run(
     stage(
         "loss.png",
         out / "loss.png",
-        lambda: _plot_loss(out / "loss.png", history, f"{args.flow} on {Path(data.label).name}"),
+        lambda: _plot_loss(
+            out / "loss.png",
+            history,
+            f"{args.flow} on {Path(data.label).name}"
+            + (" (NLL in data units)" if data.scale is not None else ""),
+        ),
     )
     metrics["total_time_s"] = time.perf_counter() - started
     if failed:
@@ -1248,20 +1253,6 @@ def _save_samples(path: Path, samples: Tensor, columns: Sequence[str] | None = N
         _plot_samples(path, samples, None, "model samples", names)
 
 
-def _stored_scale(state: dict[str, Any]) -> Standardization | None:
-    """The checkpoint's standardisation (``fit --data``), checked; None if it has none."""
-    from .data_files import Standardization
-
-    entry = (state["config"].get("metadata") or {}).get("standardization")
-    if entry is None:
-        return None
-    dim = (state["config"].get("flow") or {}).get("input_dim")
-    try:
-        return Standardization.from_dict(entry, dim if isinstance(dim, int) else None)
-    except ValueError as err:
-        raise CommandError(f"the checkpoint's standardisation is damaged: {err}") from None
-
-
 def _stored_columns(state: dict[str, Any]) -> list[str] | None:
     columns = (state["config"].get("metadata") or {}).get("columns")
     if isinstance(columns, list) and all(isinstance(c, str) for c in columns):
@@ -1272,14 +1263,14 @@ def _stored_columns(state: dict[str, Any]) -> list[str] | None:
 def _sample_cmd(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint, load_flow
+    from .checkpoint import load_checkpoint, load_flow, load_standardization
 
     _positive("n", args.n)
     device = _device(args.device)
     path = Path(args.out)
     _check_sample_path(path)  # fail before the work
     state = load_checkpoint(args.checkpoint)
-    scale = _stored_scale(state)
+    scale = load_standardization(state)
     flow = load_flow(state).to(device)
     torch.manual_seed(args.seed)
     samples = _sample(flow, args.n, device).cpu()
@@ -1366,7 +1357,7 @@ def _evaluation_rows(
 
 
 def _evaluate_cmd(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, load_flow
+    from .checkpoint import load_checkpoint, load_flow, load_standardization
     from .evaluation import evaluate_nll
 
     if args.n is not None:
@@ -1375,7 +1366,7 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)  # its structure is checked there
     dim = (state["config"].get("flow") or {}).get("input_dim")
     flow = load_flow(state).to(device)  # checks the flow config against the weights
-    scale = _stored_scale(state)
+    scale = load_standardization(state)
     rows, report = _evaluation_rows(args, state, dim)
     dtype = next((p.dtype for p in flow.parameters()), None) or rows.dtype
     scored = rows if scale is None else scale.encode(rows.double())

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from pyro_invres import cli
+from pyro_invres.checkpoint import load_standardization, save_checkpoint
 from pyro_invres.cli import DEFAULTS, main
 from pyro_invres.data_files import Standardization, check_table, load_data, split_data
 from pyro_invres.evaluation import evaluate_nll, make_density
@@ -351,6 +352,29 @@ def test_npy_5d_end_to_end(npy_run, tmp_path, capsys):
     ratio = samples.std(0) / data.std(0)
     assert np.all((ratio > 0.6) & (ratio < 1.6)), ratio
     assert abs(samples[:, 4].mean() - 1000) < 20 and samples[:, 2].std() > 100
+
+
+def test_python_loads_the_flow_in_data_units(npy_run, tmp_path, capsys):
+    root, out = npy_run
+    _, test = split_data(torch.from_numpy(np.load(root / "x.npy")), 0.2, 0)
+    flow = load_flow(out / "checkpoint.pt", data_units=True)
+    density = make_density(flow, (5,))
+    with torch.no_grad():
+        nll = -float(density.log_prob(test.float()).mean())
+    assert nll == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["test_nll"], abs=1e-3
+    )
+    with torch.no_grad():
+        assert abs(float(density.sample((2000,))[:, 4].mean()) - 1000) < 20
+    assert load_standardization(out / "checkpoint.pt").dim == 5
+    # a damaged record is an error, never a silent rescale
+    state = load_checkpoint(out / "checkpoint.pt")
+    state["config"]["metadata"]["standardization"]["std"][1] = -1.0
+    path = save_checkpoint(tmp_path / "damaged.pt", state)
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(path)], "standardisation is damaged")
+    argv = ["sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.npy")]
+    one_line_error(capsys, argv, "standardisation is damaged")
+    assert not (tmp_path / "s.npy").exists()
 
 
 def test_metrics_hold_the_history_in_data_units(npy_run):
