@@ -863,9 +863,10 @@ def _plot_density(
 def _density_1d_figure(flow: torch.nn.Module, data: _RunData, title: str, log_density: bool) -> Any:
     import numpy as np
     import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from .evaluation import make_density
-    from .plotting import _figure
 
     x = data.raw_train[:, 0].double().numpy()
     lo, hi = np.quantile(x, [0.0005, 0.9995])
@@ -875,7 +876,8 @@ def _density_1d_figure(flow: torch.nn.Module, data: _RunData, title: str, log_de
     flow.eval()
     with torch.no_grad():
         logp = density.log_prob(grid.float().unsqueeze(1)).double().numpy()
-    figure = _figure(6.4, 4.2)
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
     ax = figure.subplots()
     ax.hist(x, bins=80, range=(lo, hi), density=True, color="0.7", label="data")
     ax.plot(grid.numpy(), logp if log_density else np.exp(logp), color="C1", label="model")
