@@ -1066,7 +1066,7 @@ def _fit_run(
 
     shift = data.log_scale
     history = {
-        "units": "data" if data.scale is not None else "as drawn",
+        "units": "data",  # losses of a standardised fit are shifted back by sum(log std)
         "step": result.history.get("step", []),
         "loss": [v + shift for v in result.history.get("loss", [])],
         "eval_step": result.history.get("eval_step", []),
