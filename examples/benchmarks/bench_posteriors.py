@@ -1,0 +1,647 @@
+"""Variational posteriors and NeuTra-HMC on recognised models: residual flows against Pyro's guides.
+
+Models (:mod:`posterior_models`): eight schools centred and non-centred, Neal's funnel in
+10-D, logistic regression on breast cancer, horseshoe regression on diabetes. Reference
+posteriors (:mod:`posterior_reference`, stored under ``results/posterior_refs/``): exact for
+the funnel, long NUTS runs otherwise; exact ``log Z`` for the funnel (0) and the eight
+schools (quadrature).
+
+Guides, each trained by the same SVI loop: Adam (``lr = 1e-2`` for every guide, no
+schedule, no clipping), ``Trace_ELBO(num_particles=8, vectorize_particles=True)``, the same
+seed, one thread:
+
+================== ===========================================================================
+``normal``         ``AutoNormal(model)`` (mean field)
+``mvn``            ``AutoMultivariateNormal(model)`` (full-rank Gaussian)
+``iaf``            ``AutoIAFNormal(model)``, Pyro's defaults (one IAF block, hidden ``3 D + 1``)
+``spline``         ``AutoNormalizingFlow`` with 4 of Pyro's ``spline_coupling(D)`` (8 bins,
+                   bound 3) and reversing ``Permute`` between them
+``affine``         ``AutoNormalizingFlow`` with ``pyro_invres.flows.build_flow("affine", D)``
+                   (4 affine couplings with ActNorm, the project's coupling flow)
+``residual-plain`` ``AutoNormalizingFlow(model, lambda d: residual_flow(d, num_blocks=4))``:
+                   4 i-ResNet blocks with ActNorm (the issue's baseline)
+``residual``       ``pyro_invres.autoguide.AutoResidualFlow(model)`` (where it exists)
+================== ===========================================================================
+
+Two columns per guide: **equal steps** (``--steps``, default 2000) and **equal time**:
+every guide trains for the seconds the ``--time-ref`` guide (default ``residual``, else
+``residual-plain``) needed for the steps (at most ``20 x --steps`` steps), in one run
+scored at both points. Time is the process's CPU time: with one thread it is the wall
+clock of an idle machine, and unlike the wall clock it does not count other people's load
+on a shared one (both are in the JSON).
+
+Metrics (:mod:`posterior_metrics`), from ``--draws`` (10,000) guide draws after training,
+in ``eval()`` mode, no gradients: the ELBO, the importance-weighted ``log Z`` with its
+Monte-Carlo standard error, the PSIS Pareto ``k`` of the importance weights, errors of the
+posterior means (in reference sds) and sds (relative) in the unconstrained space, the neck
+scales (funnel ``v``, eight schools ``log tau``), training time, steps and gradient
+evaluations (steps x particles).
+
+**log q is exact.** The guide scores its own draws: ``log q`` comes from Pyro's transform
+cache (no inverse is run). Before scoring, every i-ResNet block in a guide is switched to
+``logdet="exact"`` (``D`` vector-Jacobian products and ``slogdet``), whatever estimator it
+trained with, and the guide's ``log q`` on a few draws is compared with ``log N(u) - log|det
+J|`` from an autograd Jacobian of the whole flow; both are in the JSON (``log_q`` block).
+
+NeuTra-HMC (``--neutra``): for each trained flow guide, ``NeuTraReparam(guide)`` and Pyro's
+NUTS on the warped model (4 chains one after the other, 500 warmup + 500 draws each, chain
+``c`` seeded ``seed + c``), against plain NUTS on the original model with the same
+settings: bulk ESS (rank-normalised, minimum over the unconstrained parameters) per CPU second
+and per gradient evaluation (model evaluations, counted), divergences, R-hat, and the neck
+scale NUTS recovers. NeuTra runs on the models in ``--neutra-models`` (default the funnel
+and centred eight schools).
+
+Usage (from the repository root)::
+
+    python examples/benchmarks/bench_posteriors.py --quick --out /tmp/posteriors.json
+    python examples/benchmarks/bench_posteriors.py      # -> results/posteriors_cpu.json
+    python examples/benchmarks/bench_posteriors.py --neutra --models funnel \
+        eight_schools_centered --out examples/benchmarks/results/posteriors_neutra_cpu.json
+
+``--quick`` (CI's smoke test): two models, 100 steps, 1000 draws, a 2 s equal-time budget
+and, with ``--neutra``, 2 chains of 30 + 30; it writes JSON only where ``--out`` says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import TransformedDistribution
+from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.distributions.transforms import Permute, spline_coupling
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoContinuous,
+    AutoIAFNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalizingFlow,
+)
+from pyro.infer.importance import vectorized_importance_weights
+from pyro.infer.reparam import NeuTraReparam
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import posterior_metrics as pm  # noqa: E402
+import posterior_models as models  # noqa: E402
+from common import RESULTS_DIR, env_info, markdown_table, write_json  # noqa: E402
+from posterior_reference import Reference, load_reference  # noqa: E402
+
+from pyro_invres.flows import build_flow, residual_flow  # noqa: E402
+from pyro_invres.transforms.iresnet import InvertibleResidual  # noqa: E402
+
+try:
+    from pyro_invres.autoguide import AutoResidualFlow
+except ImportError:  # the guide lands on main separately; the harness runs without it
+    AutoResidualFlow = None
+
+PARTICLES = 8
+LR = 1e-2
+
+
+# -- guides -------------------------------------------------------------------------------------
+def pyro_spline(dim: int, num_blocks: int = 4) -> ComposeTransformModule:
+    """Pyro's spline couplings (8 bins, bound 3) with reversing permutations between them."""
+    reverse = torch.arange(dim - 1, -1, -1)
+    parts: list[Any] = []
+    for k in range(num_blocks):
+        if k:
+            parts.append(Permute(reverse))
+        parts.append(spline_coupling(dim, count_bins=8))
+    return ComposeTransformModule(parts)
+
+
+def guide_factories() -> dict[str, Callable[[Callable], Any]]:
+    """The guides by name, each a function of the model (``residual`` where it exists)."""
+    guides: dict[str, Callable[[Callable], Any]] = {
+        "normal": AutoNormal,
+        "mvn": AutoMultivariateNormal,
+        "iaf": AutoIAFNormal,
+        "spline": lambda m: AutoNormalizingFlow(m, pyro_spline),
+        "affine": lambda m: AutoNormalizingFlow(m, lambda d: build_flow("affine", d)),
+        "residual-plain": lambda m: AutoNormalizingFlow(
+            m, lambda d: residual_flow(d, num_blocks=4)
+        ),
+    }
+    if AutoResidualFlow is not None:
+        guides["residual"] = AutoResidualFlow
+    return guides
+
+
+def is_flow(guide: Any) -> bool:
+    """A guide NeuTra can warp with a learned nonlinear map (not the Gaussians)."""
+    return isinstance(guide, AutoContinuous) and not isinstance(guide, AutoMultivariateNormal)
+
+
+# -- training -----------------------------------------------------------------------------------
+def _progress(losses: list[float], wall: float, cpu: float, error: str | None) -> dict[str, Any]:
+    tail = losses[-100:] if losses else [float("nan")]
+    return {
+        "steps": len(losses),
+        "grad_evals": len(losses) * PARTICLES,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "ms_per_step": 1000 * cpu / max(len(losses), 1),
+        "final_loss_mean100": float(np.mean(tail)),
+        "error": error,
+    }
+
+
+def train(
+    spec: models.PosteriorModel,
+    factory: Callable,
+    seed: int,
+    steps: int,
+    snapshot: Callable[[Any], dict],
+    budget_s: float | None = None,
+    max_steps: int | None = None,
+) -> tuple[Any, dict[str, dict]]:
+    """One SVI run, scored at ``steps`` steps and, given a budget, at ``budget_s`` CPU seconds.
+
+    The run goes on until both points are passed (at most ``max_steps``), so a guide faster
+    than the budget keeps training past ``steps`` and a slower one is scored at the budget
+    first and at ``steps`` later. ``snapshot(guide)`` scores the guide; the clock stops
+    while it runs and the guide is back in training mode afterwards.
+
+    Returns:
+        the guide and ``{"equal_steps": row, "equal_time": row}`` (the second only with a
+        budget), each row ``{"train": progress, "metrics": snapshot's dict}``.
+    """
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = factory(spec.model)
+    elbo = Trace_ELBO(
+        num_particles=PARTICLES,
+        vectorize_particles=True,
+        max_plate_nesting=models.MAX_PLATE_NESTING,
+    )
+    svi = SVI(spec.model, guide, pyro.optim.Adam({"lr": LR}), elbo)
+    max_steps = max(steps, max_steps or steps)
+    wanted = ["equal_steps"] + (["equal_time"] if budget_s is not None else [])
+    rows: dict[str, dict] = {}
+    losses: list[float] = []
+    wall, cpu, error = 0.0, 0.0, None
+
+    def take(label: str, note: str | None = None) -> None:
+        row: dict[str, Any] = {"train": _progress(losses, wall, cpu, error)}
+        if note:
+            row["note"] = note
+        if error is None:
+            row["metrics"] = snapshot(guide)
+            guide.train()
+            if label == "equal_steps" and len(wanted) > 1:  # training goes on: keep this one
+                row["guide"] = copy.deepcopy(guide)
+        rows[label] = row
+
+    while len(rows) < len(wanted) and error is None:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        try:
+            loss = svi.step()
+            if not math.isfinite(loss):
+                error = f"step {len(losses) + 1}: loss {loss}"
+            losses.append(loss)
+        except (ValueError, RuntimeError) as err:  # e.g. a distribution refusing a nan scale
+            error = f"step {len(losses) + 1}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        wall += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
+        if "equal_steps" not in rows and len(losses) == steps:
+            take("equal_steps")
+        if "equal_time" in wanted and "equal_time" not in rows:
+            if cpu >= budget_s:
+                take("equal_time")
+            elif len(losses) >= max_steps:
+                take("equal_time", f"stopped at the step cap {max_steps} before the budget")
+    for label in wanted:  # a failed run reports where it stopped
+        if label not in rows:
+            take(label)
+    return guide, rows
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def exact_scoring(guide: torch.nn.Module) -> list[tuple[str, InvertibleResidual, Any]]:
+    """Switch every i-ResNet block to the exact log-det; returns ``(name, block, old logdet)``."""
+    before = []
+    for name, module in guide.named_modules():
+        if isinstance(module, InvertibleResidual):
+            before.append((name, module, module.logdet))
+            module.logdet = "exact"
+    return before
+
+
+def restore_scoring(before: list[tuple[str, InvertibleResidual, Any]]) -> None:
+    """Undo :func:`exact_scoring` (training goes on with the estimator it had)."""
+    for _, module, logdet in before:
+        module.logdet = logdet
+
+
+def check_log_q(guide: Any, n: int = 4) -> dict[str, Any]:
+    """Compare the guide's ``log q`` of its own draws with one from an autograd Jacobian.
+
+    For a flow guide ``z = T(u)``, ``log q(z) = log N(u) - log|det dT/du|``; the Jacobian of
+    the whole ``T`` is formed by ``torch.autograd.functional.jacobian`` on fresh inputs (no
+    cache), independently of any estimator. Gaussian guides are exact in closed form.
+    """
+    if not isinstance(guide, AutoContinuous):
+        return {"checked": False, "why": "mean-field Normal: closed-form log-density"}
+    posterior = guide.get_posterior()
+    if not isinstance(posterior, TransformedDistribution):
+        return {"checked": False, "why": f"{type(posterior).__name__}: closed-form log-density"}
+    transforms = posterior.transforms
+
+    def apply(u: torch.Tensor) -> torch.Tensor:
+        for t in transforms:
+            u = t(u)
+        return u
+
+    diffs = []
+    for _ in range(n):
+        u = posterior.base_dist.sample()
+        with torch.no_grad():
+            z = apply(u)
+            log_q = posterior.log_prob(z)  # the cached pair: what scoring the guide's draws uses
+        jac = torch.autograd.functional.jacobian(apply, u.detach().clone())
+        reference = posterior.base_dist.log_prob(u) - torch.linalg.slogdet(jac.double())[1]
+        diffs.append(abs(float(log_q) - float(reference)))
+    return {"checked": True, "draws": n, "max_abs_diff": max(diffs)}
+
+
+def draw_and_weigh(
+    spec: models.PosteriorModel, guide: Any, num_draws: int, chunk: int = 2000
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(log w, unconstrained draws)`` from ``num_draws`` guide draws, in chunks."""
+    log_ws, draws = [], []
+    with torch.no_grad():
+        for start in range(0, num_draws, chunk):
+            size = min(chunk, num_draws - start)
+            log_w, _, guide_trace = vectorized_importance_weights(
+                spec.model, guide, num_samples=size, max_plate_nesting=models.MAX_PLATE_NESTING
+            )
+            samples = {
+                name: site["value"]
+                for name, site in guide_trace.nodes.items()
+                if site["type"] == "sample" and not site["infer"].get("is_auxiliary")
+            }
+            log_ws.append(log_w.double().numpy())
+            draws.append(models.unconstrained(spec, samples).double().numpy())
+    return np.concatenate(log_ws), np.concatenate(draws)
+
+
+def neck_report(spec: models.PosteriorModel, sd: np.ndarray, ref: Reference) -> dict[str, Any]:
+    out = {}
+    for name in spec.neck:
+        i = spec.names.index(name)
+        out[name] = {
+            "sd": float(sd[i]),
+            "ref_sd": float(ref.sd[i]),
+            "ratio": float(sd[i] / ref.sd[i]),
+        }
+    return out
+
+
+def evaluate(spec: models.PosteriorModel, guide: Any, ref: Reference, num_draws: int) -> dict:
+    """Every variational metric, with the guide in eval mode and exact log-dets."""
+    guide.eval()
+    switched = exact_scoring(guide)
+    try:
+        log_q = {"source": "the guide's own draws, scored through Pyro's transform cache"}
+        log_q["iresnet_blocks_switched_to_exact"] = [
+            f"{name}: {module.estimator.name} (trained with {old})"
+            for name, module, old in switched
+        ]
+        log_q.update(check_log_q(guide))
+        log_w, draws = draw_and_weigh(spec, guide, num_draws)
+    finally:
+        restore_scoring(switched)
+    if not np.all(np.isfinite(log_w)):
+        return {
+            "error": f"{int((~np.isfinite(log_w)).sum())} non-finite log weights",
+            "log_q": log_q,
+        }
+    elbo, elbo_se = pm.elbo(log_w)
+    log_z, log_z_se = pm.iw_log_z(log_w)
+    w = np.exp(log_w - log_w.max())
+    errors = pm.moment_errors(draws, ref.mean, ref.sd)
+    out = {
+        "draws": num_draws,
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "iw_log_z": log_z,
+        "iw_log_z_se": log_z_se,
+        "log_z_ref": ref.log_z,
+        "iw_log_z_gap": None if ref.log_z is None else log_z - ref.log_z,
+        "khat": pm.psis_khat(log_w),
+        "is_ess_fraction": float(w.sum() ** 2 / (w**2).sum() / len(w)),
+        **pm.summarise_errors(errors),
+        "mean_err": errors["mean_err"].tolist(),
+        "sd_err": errors["sd_err"].tolist(),
+        "neck": neck_report(spec, errors["sd"], ref),
+        "log_q": log_q,
+    }
+    return out
+
+
+# -- NeuTra-HMC ---------------------------------------------------------------------------------
+class CountedModel:
+    """The model with a call counter: one call per potential (and gradient) evaluation."""
+
+    def __init__(self, model: Callable) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.model()
+
+
+def run_nuts(
+    spec: models.PosteriorModel,
+    guide: Any | None,
+    chains: int,
+    warmup: int,
+    draws: int,
+    seed: int,
+    ref: Reference,
+    max_tree_depth: int = 10,
+) -> dict[str, Any]:
+    """NUTS on the model (``guide=None``) or on its NeuTra warp by ``guide``; diagnostics."""
+    counted = CountedModel(spec.model)
+    neutra = None
+    model: Callable = counted
+    if guide is not None:
+        guide.eval()
+        exact_scoring(guide)  # NUTS needs the exact log-det (a noisy one breaks reversibility)
+        guide.requires_grad_(False)
+        neutra = NeuTraReparam(guide)
+        model = poutine.reparam(counted, config=lambda msg: None if msg["is_observed"] else neutra)
+    samples, divergences, steps_sizes = [], 0, []
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for c in range(chains):
+        pyro.set_rng_seed(seed + c)
+        kernel = NUTS(
+            model, max_plate_nesting=models.MAX_PLATE_NESTING, max_tree_depth=max_tree_depth
+        )
+        mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=True)
+        mcmc.run()
+        divergences += sum(len(v) for v in mcmc.diagnostics()["divergences"].values())
+        steps_sizes.append(float(kernel.step_size))
+        got = mcmc.get_samples()
+        if neutra is not None:
+            (latent,) = [v for k, v in got.items() if k.endswith("_shared_latent")]
+            with torch.no_grad():
+                got = neutra.transform_sample(latent.unsqueeze(-2))  # clear of the plate dim
+        samples.append(models.unconstrained(spec, got).double().numpy())
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    x = np.stack(samples)
+    ess, rh = pm.bulk_ess(x), pm.rhat(x)
+    flat = x.reshape(-1, x.shape[-1])
+    return {
+        "chains": chains,
+        "warmup": warmup,
+        "max_tree_depth": max_tree_depth,
+        "draws": draws,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "grad_evals": counted.calls,
+        "divergences": divergences,
+        "step_sizes": steps_sizes,
+        "min_bulk_ess": float(ess.min()),
+        "min_ess_param": spec.names[int(ess.argmin())],
+        "max_rhat": float(rh.max()),
+        "ess_per_s": float(ess.min() / cpu),
+        "ess_per_grad": float(ess.min() / max(counted.calls, 1)),
+        "neck": neck_report(spec, flat.std(0, ddof=1), ref),
+        **pm.summarise_errors(pm.moment_errors(flat, ref.mean, ref.sd)),
+    }
+
+
+# -- tables -------------------------------------------------------------------------------------
+def _f(v: Any, fmt: str = ".3g") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def vi_table(model: str, rows: dict[str, dict]) -> str:
+    headers = ["guide", "column", "steps", "CPU s", "ms/step", "ELBO", "IW log Z", "k-hat"]
+    headers += ["mean err max", "sd err max", "neck sd (ref)"]
+    lines = []
+    for guide, by_col in rows.items():
+        for col, r in by_col.items():
+            t, m = r["train"], r.get("metrics", {})
+            neck = "; ".join(
+                f"{k} {v['sd']:.2f} ({v['ref_sd']:.2f})" for k, v in m.get("neck", {}).items()
+            )
+            if "elbo" not in m:
+                why = t["error"] or m.get("error", "")
+                fail = [guide, col, t["steps"], _f(t["cpu_s"], ".1f"), "", "failed", why]
+                lines.append(fail + [""] * 4)
+                continue
+            lines.append(
+                [
+                    guide,
+                    col,
+                    t["steps"],
+                    _f(t["cpu_s"], ".1f"),
+                    _f(t["ms_per_step"], ".1f"),
+                    _f(m["elbo"], ".2f"),
+                    f"{m['iw_log_z']:.2f} ± {m['iw_log_z_se']:.2f}",
+                    _f(m["khat"], ".2f"),
+                    _f(m["mean_err_max"], ".2f"),
+                    _f(m["sd_err_max"], ".2f"),
+                    neck,
+                ]
+            )
+    return f"### {model}\n\n" + markdown_table(headers, lines)
+
+
+def neutra_table(model: str, rows: dict[str, dict]) -> str:
+    headers = ["sampler", "CPU s", "grad evals", "min bulk ESS", "ESS/s", "ESS/1k grad"]
+    headers += ["divergences", "max R-hat", "neck sd (ref)"]
+    lines = []
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append([name, "failed: " + r["error"]] + [""] * 7)
+            continue
+        neck = "; ".join(f"{k} {v['sd']:.2f} ({v['ref_sd']:.2f})" for k, v in r["neck"].items())
+        lines.append(
+            [
+                name,
+                _f(r["cpu_s"], ".0f"),
+                r["grad_evals"],
+                _f(r["min_bulk_ess"], ".0f"),
+                _f(r["ess_per_s"], ".2f"),
+                _f(1000 * r["ess_per_grad"], ".2f"),
+                r["divergences"],
+                _f(r["max_rhat"], ".3f"),
+                neck,
+            ]
+        )
+    return f"### NeuTra-HMC: {model}\n\n" + markdown_table(headers, lines)
+
+
+# -- driver -------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    guides = list(guide_factories())
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: small everything (< 60 s)")
+    p.add_argument("--models", nargs="+", choices=list(models.MODELS), default=None)
+    p.add_argument("--guides", nargs="+", default=None, help=f"from {', '.join(guides)}")
+    p.add_argument("--steps", type=int, default=None, help="SVI steps (default 2000; quick 100)")
+    p.add_argument("--draws", type=int, default=None, help="guide draws for the metrics")
+    p.add_argument("--time-ref", default=None, help="guide whose CPU time sets the budget")
+    p.add_argument("--no-equal-time", action="store_true", help="skip the equal-time column")
+    p.add_argument("--neutra", action="store_true", help="NeuTra-HMC and plain NUTS too")
+    p.add_argument("--neutra-models", nargs="+", default=["funnel", "eight_schools_centered"])
+    p.add_argument("--neutra-guides", nargs="+", default=None, help="default: every flow guide")
+    p.add_argument("--chains", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--nuts-draws", type=int, default=None)
+    p.add_argument("--max-tree-depth", type=int, default=None, help="NUTS (default 10; quick 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (full run default: results/)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.models = args.models or (
+        ["funnel", "eight_schools_centered"] if quick else list(models.MODELS)
+    )
+    args.guides = args.guides or guides
+    unknown = sorted(set(args.guides) - set(guides))
+    if unknown:
+        hint = " (pyro_invres.autoguide is not on this branch yet)" if "residual" in unknown else ""
+        p.error(f"unknown guide(s) {unknown}{hint}; available: {', '.join(guides)}")
+    defaults = {"steps": (40, 2000), "draws": (500, 10000), "chains": (2, 4)}
+    defaults |= {"warmup": (30, 500), "nuts_draws": (30, 500), "max_tree_depth": (6, 10)}
+    for key, (q, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, q if quick else full)
+    if args.time_ref is None:
+        args.time_ref = "residual" if "residual" in args.guides else "residual-plain"
+    if args.time_ref not in args.guides:
+        args.time_ref = args.guides[0]
+    if args.out is None and not quick:
+        name = (
+            "posteriors_neutra_cpu.json"
+            if args.neutra and args.no_equal_time
+            else "posteriors_cpu.json"
+        )
+        args.out = str(RESULTS_DIR / name)
+    return args
+
+
+def run_model(spec: models.PosteriorModel, ref: Reference, args: argparse.Namespace) -> dict:
+    """Every guide on one model: both columns, then (optionally) NeuTra-HMC."""
+    factories = guide_factories()
+    out: dict[str, dict] = {}
+    at_steps: dict[str, Any] = {}  # each guide as it was after --steps steps (for NeuTra)
+    order = [args.time_ref] + [g for g in args.guides if g != args.time_ref]
+    budget = None
+
+    def snapshot(guide: Any) -> dict:
+        return evaluate(spec, guide, ref, args.draws)
+
+    for name in order:
+        cap = None if budget is None else 20 * args.steps
+        guide, rows = train(spec, factories[name], args.seed, args.steps, snapshot, budget, cap)
+        if name == args.time_ref and not args.no_equal_time:
+            budget = rows["equal_steps"]["train"]["cpu_s"]
+            rows["equal_time"] = {**rows["equal_steps"], "note": "the time reference itself"}
+        if "equal_time" in rows:
+            rows["equal_time"]["budget_s"] = budget
+        kept = rows["equal_steps"].pop("guide", guide)
+        if rows["equal_steps"]["train"]["error"] is None:
+            at_steps[name] = kept
+        out[name] = rows
+        t = rows["equal_steps"]["train"]
+        print(f"  {name}: {t['steps']} steps, {t['cpu_s']:.1f} s", flush=True)
+    result = {"guides": out, "time_budget_s": budget, "time_ref": args.time_ref}
+    if args.neutra and spec.name in args.neutra_models:
+        result["neutra"] = run_neutra(spec, ref, at_steps, args)
+    return result
+
+
+def run_neutra(
+    spec: models.PosteriorModel, ref: Reference, trained: dict, args: argparse.Namespace
+) -> dict:
+    wanted = args.neutra_guides or [n for n, g in trained.items() if is_flow(g)]
+    nuts_args = (args.chains, args.warmup, args.nuts_draws, args.seed, ref, args.max_tree_depth)
+    rows = {"nuts": run_nuts(spec, None, *nuts_args)}
+    print(f"  nuts: {rows['nuts']['cpu_s']:.0f} s", flush=True)
+    for name in wanted:
+        if name not in trained:
+            rows[f"neutra-{name}"] = {"error": "guide not trained (failed or not selected)"}
+            continue
+        rows[f"neutra-{name}"] = run_nuts(spec, trained[name], *nuts_args)
+        print(f"  neutra-{name}: {rows[f'neutra-{name}']['cpu_s']:.0f} s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "benchmark": "bench_posteriors",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python examples/benchmarks/bench_posteriors.py", *(argv or sys.argv[1:])]
+        ),
+        "settings": {
+            "optimizer": f"Adam(lr={LR})",
+            "particles": PARTICLES,
+            "vectorize_particles": True,
+            "steps": args.steps,
+            "draws": args.draws,
+            "seed": args.seed,
+            "quick": args.quick,
+            "time_ref": args.time_ref,
+            "equal_time": not args.no_equal_time,
+            "metric_backend": pm.backend_name(),
+            "eval_mode": True,
+            "log_q": "exact: guide draws scored via the transform cache, i-ResNet blocks "
+            "switched to logdet='exact', checked against an autograd Jacobian",
+            "neutra": {
+                "chains": args.chains,
+                "warmup": args.warmup,
+                "draws": args.nuts_draws,
+                "max_tree_depth": args.max_tree_depth,
+            }
+            if args.neutra
+            else None,
+        },
+        "env": env_info(torch.device("cpu")),
+        "models": {},
+    }
+    tables = []
+    for name in args.models:
+        spec = models.MODELS[name]()
+        ref = load_reference(name)
+        print(f"{name} ({spec.description})", flush=True)
+        res = run_model(spec, ref, args)
+        res["description"] = spec.description
+        res["reference"] = {
+            k: ref.meta.get(k) for k in ("method", "log_z", "min_bulk_ess", "max_rhat")
+        }
+        results["models"][name] = res
+        tables.append(vi_table(name, {g: r for g, r in res["guides"].items()}))
+        if "neutra" in res:
+            tables.append(neutra_table(name, res["neutra"]))
+        print("\n" + tables[-1] + "\n", flush=True)
+    results["wall_s"] = time.perf_counter() - started
+    if len(args.models) > 1:
+        print("\n\n".join(tables))
+    if args.out:
+        print(f"wrote {write_json(results, args.out)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
