@@ -46,6 +46,8 @@ try:  # the maintained implementation, where installed (bench extra)
     from arviz_stats.base import array_stats as _arviz
 except ImportError:  # pragma: no cover - depends on the environment
     _arviz = None
+if _arviz is not None and not all(hasattr(_arviz, f) for f in ("psislw", "ess", "rhat")):
+    _arviz = None  # pragma: no cover - an arviz-stats whose array API moved: use the fallback
 
 Backend = Literal["auto", "arviz", "pyro"]
 
