@@ -15,15 +15,16 @@ It is fitted the Pyro way, a model observing mini-batches of ``y`` given ``x`` w
 empty guide and SVI (the ELBO is then the log-likelihood), and compared with a conditional
 Gaussian baseline ``y | x ~ N(mu(x), sigma(x))`` (an MLP) trained the same way. Reported:
 held-out conditional NLL (nats per sample) of both, and of the true density for reference.
-Figure ``<out>/conditional_density.png``: the data with flow samples, then ``p(y | x)`` at
-four values of ``x`` (truth, flow, Gaussian). JSON: ``examples/results/conditional_density.json``
-(``<out>/`` with ``--quick``).
+The figure shows the data with flow samples, then ``p(y | x)`` at four values of ``x``
+(truth, flow, Gaussian). Files are written only when asked: ``--save`` records the figure
+in ``docs/_static/figures/conditional_density.png`` and the numbers in
+``examples/results/conditional_density.json``; ``--out DIR`` puts both under ``DIR``.
 
 Run (defaults: 2000 steps, batch 256, 4 blocks of [64, 64], lr 5e-3; about a minute on 2
 idle cores)::
 
-    python examples/conditional_density.py
-    python examples/conditional_density.py --quick    # a smoke test
+    python examples/conditional_density.py --save     # the recorded run
+    python examples/conditional_density.py --quick    # a smoke test, writes nothing
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from _common import add_run_arguments, write_results  # noqa: E402
+from _common import add_run_arguments, run_outputs, shown, write_results  # noqa: E402
 from pyro import poutine  # noqa: E402
 from pyro.infer import SVI, Trace_ELBO  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=5000)
     add_run_arguments(parser, RESULTS)
     args = parser.parse_args()
+    outputs = run_outputs(parser, args, RESULTS, "conditional_density.png")
     if args.quick:
         args.steps = 10
 
@@ -221,17 +223,17 @@ def main() -> None:
         cpu = f"{m['train_cpu_s']:.1f}" if "train_cpu_s" in m else "-"
         print(f"| {name} | {m['test_nll']:.4f} | {wall} | {cpu} |")
 
-    figure = Path(args.out) / "conditional_density.png"
-    plot(flow, gaussian, x_train, y_train, figure)
+    if outputs is not None:
+        plot(flow, gaussian, x_train, y_train, outputs.figure)
     total = time.perf_counter() - start
     payload = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "results")},
         "data": "x ~ U(-2,2); y|x ~ 0.5 N(sin(1.5x) -/+ 0.3(x+2), 0.12 + 0.06(x+2))",
         "results": results,
         "total_wall_s": total,
-        "figure": str(figure),
+        "figure": None if outputs is None else shown(outputs.figure),
     }
-    write_results(args, RESULTS, payload, figure, total)
+    write_results(outputs, payload, total)
 
 
 if __name__ == "__main__":

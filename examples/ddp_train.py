@@ -17,7 +17,8 @@ What matters for correctness (see ``docs/distributed.md``):
 * The model is built under the same seed on every rank (DDP also broadcasts rank 0's
   parameters and buffers when it wraps the model); the data stream is seeded per rank.
 * ActNorm initialises on the first batch, all-reducing its statistics across ranks.
-* Only rank 0 prints and writes the checkpoint, atomically (temporary file + ``os.replace``).
+* Only rank 0 prints and writes the checkpoint, atomically (temporary file + ``os.replace``),
+  to ``--checkpoint`` (default ``runs/ddp/ddp_flow.pt``: under ``runs/``, which git ignores).
 * A rank that hangs or dies must not block the others forever: the process group has a
   timeout (``--timeout``, 300 s by default), after which a collective that some rank never
   joined fails on the ranks waiting in it, and the script exits with status 1 and one line
@@ -98,7 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-size", type=int, default=2048)
-    p.add_argument("--checkpoint", default="ddp_flow.pt")
+    p.add_argument(
+        "--checkpoint",
+        default="runs/ddp/ddp_flow.pt",
+        help="where rank 0 writes the trained flow (default under runs/, which git ignores)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

@@ -3,17 +3,18 @@ Pyro's own affine coupling, compared in test bits per dimension and wall time.
 
 Every model is a :class:`pyro.distributions.TransformedDistribution` of a standard normal,
 trained by maximum likelihood (Adam on ``-log_prob``) for the same number of steps on the
-same mini-batches, and scored on the held-out test split. The script writes
+same mini-batches, and scored on the held-out test split. It prints its numbers and,
+only when asked, writes
 
 * ``examples/results/digits.json``: the numbers, the options and the environment;
 * ``docs/digits.md``: the documentation page, table included (nothing is typed by hand);
 * ``docs/_static/figures/digits_samples.png``: samples of each model next to real digits;
 * ``docs/_static/figures/digits_training.png``: the training curves,
 
-all under ``--out`` (default: the repository root). Run::
+in the repository with ``--save`` (the recorded run), or under ``--out DIR``. Run::
 
-    python examples/digits.py                 # the defaults: a few minutes on 2 cores
-    python examples/digits.py --quick         # a smoke run into a temporary directory
+    python examples/digits.py --save          # the defaults: a few minutes on 2 cores
+    python examples/digits.py --quick         # a smoke run: prints, writes nothing
 
 **Pre-processing.** The digits take the 17 values ``0..16``.
 :func:`pyro_invres.datasets.load_digits` dequantises them, ``y = (x + u) / 17`` with
@@ -49,7 +50,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -602,7 +602,7 @@ The models are small and trained briefly so that the whole comparison runs in mi
 two CPU cores; the numbers compare the architectures at this budget and are not
 converged results (see the training curves). Timings depend on the machine and its load:
 compare them within one run only. Rerun with more steps with
-`python examples/digits.py --steps N` (the page and the JSON are rewritten).
+`python examples/digits.py --save --steps N` (the page and the JSON are rewritten).
 """
     path = out / "docs" / "digits.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -616,12 +616,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps")
-    parser.add_argument(
+    written = parser.add_mutually_exclusive_group()
+    written.add_argument(
+        "--save",
+        action="store_true",
+        help="record this run in the repository: examples/results/digits.json, "
+        "docs/digits.md and docs/_static/figures/digits_*.png (not with --quick)",
+    )
+    written.add_argument(
         "--out",
         default=None,
-        help="output root: writes examples/results/digits.json, docs/digits.md and "
-        "docs/_static/figures/digits_*.png under it (default: the repository root; with "
-        "--quick a new temporary directory)",
+        metavar="DIR",
+        help="write those files under DIR instead (default: write nothing)",
     )
     parser.add_argument(
         "--threads",
@@ -631,17 +637,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "only fight over a shared machine)",
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.save and args.quick:
+        parser.error(
+            "--save records a run in the repository, and a --quick smoke run is not one; "
+            "pass --out DIR to keep its files"
+        )
+    if args.out is not None and Path(args.out).is_file():
+        parser.error(f"--out {args.out} is a file; --out names a directory")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command_args = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
-    if args.out is None:
-        out = Path(tempfile.mkdtemp(prefix="digits-quick-")) if args.quick else REPO
-    else:
-        out = Path(args.out)
+    out = REPO if args.save else None if args.out is None else Path(args.out)
     opts = Options(seed=args.seed)
     if args.quick:
         opts.steps, opts.sizes, opts.n_samples = 10, QUICK_SIZES, 4
@@ -729,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     real = y_test[: opts.n_samples]
     test_bpds = {name: r["test_bpd"] for name, r in results.items()}
-    figures = save_figures(out, samples, real, curves, test_bpds)
+    figures = [] if out is None else save_figures(out, samples, real, curves, test_bpds)
     total_s, total_cpu_s = time.perf_counter() - t_start, time.process_time() - cpu_start
     result = {
         "command": "python examples/digits.py"
@@ -759,6 +770,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "total_s": total_s,
         "total_cpu_s": total_cpu_s,
     }
+    if out is None:
+        print(
+            f"nothing written ({total_s / 60:.1f} min): pass --save to record this run "
+            "(examples/results/digits.json, docs/digits.md, docs/_static/figures/) or --out DIR"
+        )
+        return result
     json_path = out / "examples" / "results" / "digits.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")

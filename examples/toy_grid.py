@@ -24,18 +24,19 @@ optimiser over all parameters costs much less per step than ``pyro.optim``'s one
 parameter, and these steps are dominated by such overheads.)
 
 Held-out NLL (nats per sample, 5000 fresh points, eval mode) per flow and data set is
-printed as a markdown table and written to ``examples/results/toy_grid.json`` (``<out>/``
-with ``--quick``); the grid goes to ``<out>/toy_grid.png``.
+printed as a markdown table. Files are written only when asked: ``--save`` records the
+numbers in ``examples/results/toy_grid.json`` and the grid in
+``docs/_static/figures/toy_grid.png``; ``--out DIR`` puts both under ``DIR``.
 
 Defaults, chosen to finish in about 2 minutes on 2 idle cores: four data sets
 (8gaussians, checkerboard, moons, rings) and 400 steps of batch 256, learning rate 1e-2
 decayed to 1e-3. ``--full``: the six data sets of the papers (8gaussians, checkerboard,
 2spirals, moons, rings, pinwheel) and 2000 steps (about 15 minutes)::
 
-    python examples/toy_grid.py
-    python examples/toy_grid.py --full
-    python examples/toy_grid.py --datasets rings pinwheel --steps 1000
-    python examples/toy_grid.py --quick               # a smoke test
+    python examples/toy_grid.py --save                # the recorded run
+    python examples/toy_grid.py --full --out runs/toy_grid_full
+    python examples/toy_grid.py --datasets rings pinwheel --steps 1000   # table only
+    python examples/toy_grid.py --quick               # a smoke test, writes nothing
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from _common import add_run_arguments, write_results  # noqa: E402
+from _common import add_run_arguments, run_outputs, shown, write_results  # noqa: E402
 from pyro import poutine  # noqa: E402
 from pyro.distributions.torch_transform import ComposeTransformModule  # noqa: E402
 from pyro.distributions.transforms import Permute, affine_coupling, spline_coupling  # noqa: E402
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=150, help="grid points per axis")
     add_run_arguments(parser, RESULTS)
     args = parser.parse_args()
+    outputs = run_outputs(parser, args, RESULTS, "toy_grid.png")
     datasets = args.datasets or list(FULL_DATASETS if args.full else DEFAULT_DATASETS)
     steps = args.steps or (2000 if args.full else 400)
     if args.quick:
@@ -224,8 +226,8 @@ def main() -> None:
     cpu = {f: sum(results[n][f]["train_cpu_s"] for n in datasets) for f in FLOWS}
     print("| train CPU s (all sets) | " + " | ".join(f"{cpu[f]:.1f}" for f in FLOWS) + " |")
 
-    figure = Path(args.out) / "toy_grid.png"
-    plot(rows, nll, figure)
+    if outputs is not None:
+        plot(rows, nll, outputs.figure)
     total = time.perf_counter() - start
     payload = {
         "config": {
@@ -247,9 +249,9 @@ def main() -> None:
         "test_nll": nll,
         "results": results,
         "total_wall_s": total,
-        "figure": str(figure),
+        "figure": None if outputs is None else shown(outputs.figure),
     }
-    write_results(args, RESULTS, payload, figure, total)
+    write_results(outputs, payload, total)
 
 
 if __name__ == "__main__":
