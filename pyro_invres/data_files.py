@@ -78,6 +78,14 @@ class DataTable:
         path: the file it was read from.
         sha256: the hex digest of the file's bytes (tells whether a file changed).
         has_header: whether the names came from the file (a ``.csv`` header row).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.csv"
+        >>> _ = path.write_text("a,b\\n1,2\\n3,5\\n4,4\\n")
+        >>> table = load_data(path)
+        >>> table.columns, tuple(table.data.shape), table.has_header
+        (['a', 'b'], (3, 2), True)
     """
 
     data: Tensor
