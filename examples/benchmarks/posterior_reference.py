@@ -133,7 +133,9 @@ def run_nuts(spec: models.PosteriorModel, cfg: dict[str, Any]) -> tuple[np.ndarr
     for c in range(cfg["chains"]):
         pyro.set_rng_seed(cfg["seed"] + c)
         kernel = NUTS(spec.model, max_plate_nesting=models.MAX_PLATE_NESTING, **cfg["nuts"])
-        mcmc = MCMC(kernel, num_samples=cfg["draws"], warmup_steps=cfg["warmup"], num_chains=1)
+        mcmc = MCMC(
+            kernel, num_samples=cfg["draws"], warmup_steps=cfg["warmup"], disable_progbar=True
+        )
         mcmc.run()
         divergences += sum(len(v) for v in mcmc.diagnostics()["divergences"].values())
         samples = {k: v.double() for k, v in mcmc.get_samples().items()}
