@@ -29,8 +29,10 @@ from .transforms.coupling import affine_coupling
 from .transforms.downsample import ChannelPermutation, InvertibleDownsampling
 from .transforms.inverse import Inverse
 from .transforms.iresnet import conditional_iresnet, iresnet
+from .transforms.masked_coupling import masked_affine_coupling, pairwise_masks
 from .transforms.revnet import revnet_block
 from .transforms.subset import ChannelSubset
+from .transforms.triangular import TriangularAffine
 
 __all__ = [
     "FLOWS",
@@ -318,6 +320,76 @@ def conditional_residual_flow(
         if actnorm:
             parts.append(ActNorm(dim))
     return ConditionalComposeTransformModule(parts)
+
+
+def posterior_flow(
+    input_dim: int,
+    num_blocks: int = 2,
+    hidden_dims: Sequence[int] | None = None,
+    *,
+    coupling_hidden_dims: Sequence[int] | None = (),
+    lipschitz: float = 0.9,
+    log_scale_bound: float = 4.0,
+    init_scale: float = 1.0,
+    activation: str = "lipswish",
+) -> ComposeTransformModule:
+    """The flow of :class:`~pyro_invres.autoguide.AutoResidualFlow`, base to latent.
+
+    .. math::
+
+        f = A \\circ F_K \\circ \\cdots \\circ F_1 \\circ C_M \\circ \\cdots \\circ C_1,
+        \\qquad F_k(z) = z + g_k(z), \\quad A(z) = \\mu + L z,
+
+    with ``C_m`` the masked affine couplings of
+    :func:`~pyro_invres.transforms.masked_coupling.pairwise_masks` (``2 ceil(log2 D)`` of
+    them, so each coordinate's scale depends on each other coordinate somewhere), ``F_k``
+    i-ResNet blocks explicit in this (sampling) direction with the exact log-det, and
+    ``A`` a learned lower-triangular affine map. Why this order is in the
+    :mod:`~pyro_invres.autoguide` module's docstring.
+
+    Arguments:
+        input_dim: ``D``.
+        num_blocks: ``K``, i-ResNet blocks (0 is allowed: scale layers and ``A`` only).
+        hidden_dims: each block's hidden sizes (default ``[max(32, 4 D)] * 2``).
+        coupling_hidden_dims: the couplings' conditioner hidden sizes; ``[]`` keeps the
+            log-scale linear in the conditioning coordinates, ``None`` picks dense
+            defaults.
+        lipschitz: ``Lip(g_k) <= c``.
+        log_scale_bound: each coupling's log-scale bound.
+        init_scale: ``L = init_scale * I`` to start.
+        activation: the blocks' activation.
+
+    Example:
+        >>> import torch
+        >>> flow = posterior_flow(5, num_blocks=1)
+        >>> [type(p).__name__ for p in flow.parts]   # doctest: +NORMALIZE_WHITESPACE
+        ['MaskedAffineCoupling', 'MaskedAffineCoupling', 'MaskedAffineCoupling',
+         'MaskedAffineCoupling', 'MaskedAffineCoupling', 'MaskedAffineCoupling',
+         'InvertibleResidual', 'TriangularAffine']
+        >>> flow(torch.randn(3, 5)).shape
+        torch.Size([3, 5])
+    """
+    dim = int(input_dim)
+    if int(num_blocks) < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    hidden = [max(32, 4 * dim)] * 2 if hidden_dims is None else list(hidden_dims)
+    parts: list[TransformModule] = [
+        masked_affine_coupling(dim, coupling_hidden_dims, mask, log_scale_bound=log_scale_bound)
+        for mask in pairwise_masks(dim)
+    ]
+    for _ in range(int(num_blocks)):
+        parts.append(
+            iresnet(
+                dim,
+                hidden,
+                lipschitz=lipschitz,
+                explicit="forward",
+                logdet="exact",
+                activation=activation,
+            )
+        )
+    parts.append(TriangularAffine(dim, init_scale=init_scale))
+    return ComposeTransformModule(parts)
 
 
 # -- flows by name -------------------------------------------------------------------------------
