@@ -2,14 +2,14 @@
 
 The guide is a flow over the model's unconstrained latents, built by
 :func:`~pyro_invres.flows.posterior_flow`: from a standard normal base, masked affine
-coupling layers with log-linear scales (every coordinate rescaled by every other, see
-:func:`~pyro_invres.transforms.masked_coupling.pairwise_masks`), then i-ResNet blocks
-``z + g(z)`` (explicit in the sampling direction, exact log-determinant), then a learned
-full-rank affine map ``loc + L z`` that starts at the model's initial point.
+coupling layers (every coordinate rescaled by every other somewhere, see
+:func:`~pyro_invres.transforms.masked_coupling.pairwise_masks`) alternating with i-ResNet
+blocks ``z + g(z)`` (explicit in the sampling direction, exact log-determinant), then a
+learned full-rank affine map ``loc + L z`` that starts at the model's initial point.
 
 Why this shape: a residual block with ``Lip(g) <= c`` has Jacobian singular values in
 ``[1 - c, 1 + c]``, so a stack of them cannot change local scale by the ``e^9`` a funnel's
-neck and mouth differ by. The scale layers do that job cheaply and exactly (log-scale
+neck and mouth differ by. The scale layers do that job cheaply (a log-scale close to
 linear in the conditioning coordinates, as in a funnel ``x_j | v ~ N(0, e^{v})`` or a
 centred hierarchy ``theta_j = mu + tau eta_j``); the full-rank affine map carries location,
 global scale and correlation (the ``AutoMultivariateNormal`` family is the special case
@@ -52,8 +52,8 @@ class AutoResidualFlow(AutoContinuous):
         num_blocks: i-ResNet blocks (0 leaves the scale layers and the affine map).
         hidden_dims: hidden sizes of each block's Lipschitz network (default
             ``[max(32, 4 D)] * 2``).
-        coupling_hidden_dims: hidden sizes of the scale layers' conditioners; ``[]``
-            (default) keeps them log-linear, ``None`` uses dense networks.
+        coupling_hidden_dims: hidden sizes of the scale layers' conditioners (default
+            ``[max(32, 4 D)]``, with a linear skip path); ``[]`` keeps them log-linear.
         lipschitz: the bound ``c < 1`` on each block's ``Lip(g)``.
         log_scale_bound: the bound on each scale layer's log-scale.
         init_scale: the starting scale of the affine map (as ``AutoMultivariateNormal``).
@@ -82,7 +82,7 @@ class AutoResidualFlow(AutoContinuous):
         *,
         num_blocks: int = 2,
         hidden_dims: Sequence[int] | None = None,
-        coupling_hidden_dims: Sequence[int] | None = (),
+        coupling_hidden_dims: Sequence[int] | None = None,
         lipschitz: float = 0.9,
         log_scale_bound: float = 4.0,
         init_scale: float = 0.1,

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
@@ -327,7 +326,7 @@ def posterior_flow(
     num_blocks: int = 2,
     hidden_dims: Sequence[int] | None = None,
     *,
-    coupling_hidden_dims: Sequence[int] | None = (),
+    coupling_hidden_dims: Sequence[int] | None = None,
     lipschitz: float = 0.9,
     log_scale_bound: float = 4.0,
     init_scale: float = 1.0,
@@ -337,23 +336,24 @@ def posterior_flow(
 
     .. math::
 
-        f = A \\circ F_K \\circ \\cdots \\circ F_1 \\circ C_M \\circ \\cdots \\circ C_1,
+        f = A \\circ C_{M} \\circ \\cdots \\circ F_1 \\circ C_{m} \\circ \\cdots \\circ C_1,
         \\qquad F_k(z) = z + g_k(z), \\quad A(z) = \\mu + L z,
 
-    with ``C_m`` the masked affine couplings of
+    with ``C`` the masked affine couplings of
     :func:`~pyro_invres.transforms.masked_coupling.pairwise_masks` (``2 ceil(log2 D)`` of
-    them, so each coordinate's scale depends on each other coordinate somewhere), ``F_k``
-    i-ResNet blocks explicit in this (sampling) direction with the exact log-det, and
-    ``A`` a learned lower-triangular affine map. Why this order is in the
-    :mod:`~pyro_invres.autoguide` module's docstring.
+    them, so each coordinate's scale depends on each other coordinate somewhere) spread
+    evenly before and between the ``K`` i-ResNet blocks ``F_k`` (explicit in this,
+    the sampling, direction, with the exact log-det), and ``A`` a learned
+    lower-triangular affine map. Why this shape is in the :mod:`~pyro_invres.autoguide`
+    module's docstring.
 
     Arguments:
         input_dim: ``D``.
-        num_blocks: ``K``, i-ResNet blocks (0 is allowed: scale layers and ``A`` only).
+        num_blocks: ``K``, i-ResNet blocks (0 is allowed: couplings and ``A`` only).
         hidden_dims: each block's hidden sizes (default ``[max(32, 4 D)] * 2``).
-        coupling_hidden_dims: the couplings' conditioner hidden sizes; ``[]`` keeps the
-            log-scale linear in the conditioning coordinates, ``None`` picks dense
-            defaults.
+        coupling_hidden_dims: the couplings' conditioner hidden sizes (default
+            ``[max(32, 4 D)]``); ``[]`` keeps each log-scale linear in the conditioning
+            coordinates.
         lipschitz: ``Lip(g_k) <= c``.
         log_scale_bound: each coupling's log-scale bound.
         init_scale: ``L = init_scale * I`` to start.
@@ -370,24 +370,31 @@ def posterior_flow(
         torch.Size([3, 5])
     """
     dim = int(input_dim)
-    if int(num_blocks) < 0:
+    num_blocks = int(num_blocks)
+    if num_blocks < 0:
         raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
     hidden = [max(32, 4 * dim)] * 2 if hidden_dims is None else list(hidden_dims)
-    parts: list[TransformModule] = [
-        masked_affine_coupling(dim, coupling_hidden_dims, mask, log_scale_bound=log_scale_bound)
+    cpl_hidden = [max(32, 4 * dim)] if coupling_hidden_dims is None else list(coupling_hidden_dims)
+    couplings = [
+        masked_affine_coupling(dim, cpl_hidden, mask, log_scale_bound=log_scale_bound)
         for mask in pairwise_masks(dim)
     ]
-    for _ in range(int(num_blocks)):
-        parts.append(
-            iresnet(
-                dim,
-                hidden,
-                lipschitz=lipschitz,
-                explicit="forward",
-                logdet="exact",
-                activation=activation,
+    # couplings first (the base's scale structure), then alternating with the blocks
+    per = -(-len(couplings) // max(num_blocks, 1))
+    parts: list[TransformModule] = []
+    for k in range(max(num_blocks, 1)):
+        parts += couplings[k * per : (k + 1) * per]
+        if k < num_blocks:
+            parts.append(
+                iresnet(
+                    dim,
+                    hidden,
+                    lipschitz=lipschitz,
+                    explicit="forward",
+                    logdet="exact",
+                    activation=activation,
+                )
             )
-        )
     parts.append(TriangularAffine(dim, init_scale=init_scale))
     return ComposeTransformModule(parts)
 
@@ -441,16 +448,23 @@ def _iresnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
 def _pyro_affine_flow(
     input_dim: int, num_blocks: int = 4, hidden_dims: Sequence[int] | None = None
 ) -> TransformModule:
-    from pyro.distributions.transforms import Permute, affine_coupling
+    from pyro.distributions.transforms import affine_coupling
+
+    from .transforms.legacy_layout import load_legacy_layout
 
     if input_dim < 2:
         raise ValueError(f"pyro-affine coupling needs input_dim >= 2, got {input_dim}")
     hidden = [max(64, 10 * input_dim)] * 2 if hidden_dims is None else list(hidden_dims)
-    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
+    reverse = list(range(input_dim - 1, -1, -1))  # deterministic: rebuilt from the config
     parts: list[Any] = []
     for _ in range(int(num_blocks)):
-        parts += [affine_coupling(input_dim, hidden_dims=hidden), Permute(reverse)]
-    return ComposeTransformModule(parts[:-1])
+        # a module (not Pyro's Permute): its index moves with .to() and deep-copies
+        parts += [
+            affine_coupling(input_dim, hidden_dims=hidden),
+            ChannelPermutation(input_dim, permutation=reverse, event_dim=1),
+        ]
+    # state dicts saved when the reversal was Pyro's Permute (no buffer) still load
+    return load_legacy_layout(ComposeTransformModule(parts[:-1]))
 
 
 def _optional_factory(module: str, name: str, flow: str) -> Any:
@@ -479,13 +493,17 @@ def _stack(
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     if input_dim < 2:
         raise ValueError(f"coupling blocks need input_dim >= 2, got {input_dim}")
-    reverse = torch.arange(input_dim - 1, -1, -1)  # deterministic: rebuilt from the config
+    from .transforms.legacy_layout import load_legacy_layout
+
+    reverse = list(range(input_dim - 1, -1, -1))  # deterministic: rebuilt from the config
     parts: list[Any] = []
     for k in range(int(num_blocks)):
         if permute and k > 0:
-            parts.append(dist.transforms.Permute(reverse))
+            # a module (not Pyro's Permute): its index moves with .to() and deep-copies
+            parts.append(ChannelPermutation(input_dim, permutation=reverse, event_dim=1))
         parts += [factory(input_dim, **options), ActNorm(input_dim)]
-    return ComposeTransformModule(parts)
+    # state dicts saved when the reversal was Pyro's Permute (no buffer) still load
+    return load_legacy_layout(ComposeTransformModule(parts))
 
 
 def _revnet_flow(input_dim: int, **cfg: Any) -> TransformModule:
