@@ -39,6 +39,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 
 from .flows import FLOWS, build_flow
+from .transforms.legacy_layout import legacy_renames, loads_legacy_layout, upgrade_state_dict
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -205,7 +206,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     _check_structure(state, f"checkpoint {path}")
-    return state
+    return dict(_upgrade_layout(state))
 
 
 def _check_structure(state: Mapping[str, Any], where: str) -> None:
@@ -257,6 +258,48 @@ def _check_flow_config(config: Mapping[str, Any], weights: Mapping[str, Tensor])
     Raises:
         CheckpointError: naming the first option or tensor that does not match.
     """
+    name, input_dim, options, hidden = _check_config_sizes(config, weights)
+
+    def probe(widths: list[int] | None) -> dict[str, tuple[int, ...]]:
+        cfg = dict(options) if widths is None else {**options, "hidden_dims": widths}
+        flow = build_flow(name, input_dim, **cfg)
+        return {k: tuple(v.shape) for k, v in flow.state_dict().items()}
+
+    # the probes draw initial weights: leave the caller's random stream as it was
+    with torch.random.fork_rng(devices=[]):
+        expected = _probe_shapes(probe, hidden)
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint's flow config does not describe its weights: stored tensor "
+            f"{unexpected[0]!r} (and {len(unexpected) - 1} more) is not in a {name} flow of "
+            f"{options.get('num_blocks', 1)} blocks"
+        )
+    for key, shape in expected.items():
+        if key not in weights:
+            # a missing flag (a buffer added in a later version) is left to the module's
+            # own loading; a missing weight means the config asks for more than is stored
+            if math.prod(d for d in shape if d >= 0) > 1:
+                raise CheckpointError(
+                    f"the checkpoint's flow config asks for tensor {key!r} of shape "
+                    f"{list(shape)}, which the file does not store"
+                )
+            continue
+        stored = tuple(weights[key].shape)
+        if len(stored) != len(shape) or any(d >= 0 and d != s for d, s in zip(shape, stored)):
+            raise CheckpointError(
+                f"the checkpoint's flow config asks for {key!r} of shape {list(shape)}, but "
+                f"the file stores shape {list(stored)}"
+            )
+
+
+def _check_config_sizes(
+    config: Mapping[str, Any], weights: Mapping[str, Tensor]
+) -> tuple[str, Any, dict[str, Any], list[int] | None]:
+    """Bound what a flow config asks for by what the file stores, before building any flow.
+
+    Returns the flow's name, ``input_dim``, its other options and ``hidden_dims``.
+    """
 
     def ints_in(value: Any) -> Iterator[int]:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -302,38 +345,66 @@ def _check_flow_config(config: Mapping[str, Any], weights: Mapping[str, Tensor])
             f"the checkpoint's flow config has input_dim={input_dim}, but no stored tensor "
             f"has a dimension that large (largest {largest})"
         )
+    return name, input_dim, options, hidden
 
-    def probe(widths: list[int] | None) -> dict[str, tuple[int, ...]]:
-        cfg = dict(options) if widths is None else {**options, "hidden_dims": widths}
-        flow = build_flow(name, input_dim, **cfg)
-        return {k: tuple(v.shape) for k, v in flow.state_dict().items()}
 
-    # the probes draw initial weights: leave the caller's random stream as it was
-    with torch.random.fork_rng(devices=[]):
-        expected = _probe_shapes(probe, hidden)
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise CheckpointError(
-            f"the checkpoint's flow config does not describe its weights: stored tensor "
-            f"{unexpected[0]!r} (and {len(unexpected) - 1} more) is not in a {name} flow of "
-            f"{blocks} blocks"
-        )
-    for key, shape in expected.items():
-        if key not in weights:
-            # a missing flag (a buffer added in a later version) is left to the module's
-            # own loading; a missing weight means the config asks for more than is stored
-            if math.prod(d for d in shape if d >= 0) > 1:
-                raise CheckpointError(
-                    f"the checkpoint's flow config asks for tensor {key!r} of shape "
-                    f"{list(shape)}, which the file does not store"
-                )
-            continue
-        stored = tuple(weights[key].shape)
-        if len(stored) != len(shape) or any(d >= 0 and d != s for d, s in zip(shape, stored)):
-            raise CheckpointError(
-                f"the checkpoint's flow config asks for {key!r} of shape {list(shape)}, but "
-                f"the file stores shape {list(stored)}"
-            )
+def _upgrade_layout(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A checkpoint saved before a preset's fixed permutations were modules, renumbered.
+
+    The ``additive``, ``affine`` and ``pyro-affine`` presets once put Pyro's ``Permute``
+    (no module, no state) between their blocks; they now hold a
+    :class:`~pyro_invres.transforms.ChannelPermutation`, which shifts the indices of the
+    blocks after it (:mod:`pyro_invres.transforms.legacy_layout`). The flow's tensors, and
+    the optimiser's entries named after them, move to the new indices and the missing
+    permutation buffers are filled from a freshly built flow of the same config (the
+    reversal it rebuilds). Any other checkpoint comes back as it is, as does one whose
+    config cannot be probed: the later checks say what is wrong with it.
+    """
+    config, weights = state["config"].get("flow"), state["flow_state"]
+    if not isinstance(config, Mapping) or config.get("name") not in FLOWS:
+        return state
+    if any(k.endswith(".permutation") for k in weights):
+        return state  # saved with its permutations
+    try:
+        name, input_dim, options, hidden = _check_config_sizes(config, weights)
+        if hidden is not None:  # the layout does not depend on the widths
+            options = {**options, "hidden_dims": [1] * len(hidden)}
+        with torch.random.fork_rng(devices=[]):
+            probe = build_flow(name, input_dim, **options)
+    except (CheckpointError, KeyError, RuntimeError, ValueError, TypeError):
+        return state
+    renames: dict[str, str] = {}
+    for prefix, module in probe.named_modules():
+        if loads_legacy_layout(module):
+            renames.update(legacy_renames(module, weights, prefix + "." if prefix else ""))
+    upgraded = upgrade_state_dict(probe, weights)
+    if not renames and upgraded.keys() == weights.keys():
+        return state
+    upgraded_state = {**state, "flow_state": upgraded}
+    if "optim_state" in state:
+        upgraded_state["optim_state"] = _rename_optim_entries(state["optim_state"], renames)
+    return upgraded_state
+
+
+def _rename_optim_entries(optim_state: Any, renames: Mapping[str, str]) -> Any:
+    """The optimiser state with its per-tensor entries keyed by the renamed tensors.
+
+    The entries are keyed by param-store name, ``"<module>$$$<state-dict key>"``, either
+    under ``"params"`` (:class:`~pyro_invres.optim.JointOptim`) or at the top level (Pyro's
+    own optimisers).
+    """
+    if not isinstance(optim_state, Mapping) or not renames:
+        return optim_state
+
+    def rename(name: Any) -> Any:
+        if not isinstance(name, str):
+            return name
+        head, divider, key = name.rpartition("$$$")
+        return head + divider + renames[key] if key in renames else name
+
+    if isinstance(optim_state.get("params"), Mapping):
+        return {**optim_state, "params": {rename(k): v for k, v in optim_state["params"].items()}}
+    return {rename(k): v for k, v in optim_state.items()}
 
 
 def _probe_shapes(
@@ -454,6 +525,7 @@ def _rebuild_flow(state: Mapping[str, Any]) -> TransformModule:
         raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}")
     # optimiser and RNG states are not needed to rebuild the flow
     _check_structure({"optim_state": {}, "rng": {}, **state}, "the checkpoint")
+    state = _upgrade_layout(state)
     config = dict(state["config"].get("flow") or {})
     if "name" not in config or "input_dim" not in config:
         raise CheckpointError("the checkpoint has no flow config to rebuild the flow from")

@@ -88,7 +88,8 @@ def on_cuda(flow):
     moved = copy.deepcopy(flow).to(DEVICE)
     tensors = list(moved.parameters()) + list(moved.buffers())
     assert tensors and all(t.device.type == "cuda" for t in tensors)
-    # a transform that is not an nn.Module (Pyro's Permute) keeps its tensors where they
+    # a transform that is not an nn.Module (as Pyro's Permute, which the coupling presets
+    # put between blocks before they took ChannelPermutation) keeps its tensors where they
     # were: .to() never reaches them, and a CUDA input then meets a CPU index
     parts = getattr(moved, "parts", [])
     stray = [

@@ -28,7 +28,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,6 +65,26 @@ def _permutation_sign(perm: Sequence[int]) -> int:
                 seen[i] = True
                 i = perm[i]
     return -1 if (len(perm) - cycles) % 2 else 1
+
+
+def _check_stored_permutation(value: object, num_channels: int, name: str) -> None:
+    """Refuse a loaded buffer that is not a permutation of ``range(num_channels)``."""
+    if isinstance(value, Tensor) and value.is_meta:
+        return  # no values to look at (a state dict built on the meta device)
+    valid = (
+        isinstance(value, Tensor)
+        and value.shape == (num_channels,)
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and value.dtype != torch.bool
+        and torch.equal(value.detach().cpu().long().sort().values, torch.arange(num_channels))
+    )
+    if not valid:
+        shown = value.tolist() if isinstance(value, Tensor) and value.numel() <= 64 else value
+        raise ValueError(
+            f"{name} must be a permutation of range({num_channels}) (an integer tensor of "
+            f"shape ({num_channels},)), got {shown!r:.300}"
+        )
 
 
 def _check_event_dim(event_dim: int) -> int:
@@ -212,6 +233,26 @@ class ChannelPermutation(InvertibleModule):
         perm = perm.long()
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # load_state_dict copies any integer tensor of the right shape into the buffers: a
+        # repeated index would then silently drop channels (a log-det of 0 for a map that
+        # is not even invertible), so the stored pair is checked before it is copied
+        perm = state_dict.get(prefix + "permutation")
+        inverse = state_dict.get(prefix + "inverse_permutation")
+        if perm is not None:
+            _check_stored_permutation(perm, self.num_channels, prefix + "permutation")
+        if inverse is not None:
+            _check_stored_permutation(inverse, self.num_channels, prefix + "inverse_permutation")
+        if perm is not None and inverse is not None:
+            if not torch.equal(inverse.cpu().long(), torch.argsort(perm.cpu().long())):
+                raise ValueError(
+                    f"{prefix}inverse_permutation must be the inverse of {prefix}permutation "
+                    f"{perm.tolist()!s:.300}, got {inverse.tolist()!s:.300}"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def sign(self) -> int:
