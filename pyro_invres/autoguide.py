@@ -30,11 +30,11 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
 from .flows import posterior_flow
+from .transforms.chain import Chain
 from .transforms.triangular import TriangularAffine
 
 __all__ = ["AutoResidualFlow"]
@@ -115,14 +115,14 @@ class AutoResidualFlow(AutoContinuous):
         if not isinstance(affine, TriangularAffine):  # posterior_flow's contract
             raise TypeError(f"posterior_flow must end with TriangularAffine, got {affine!r}")
         affine.set_loc(loc)
-        self.transform: ComposeTransformModule = flow
+        self.transform: Chain = flow
 
     def get_base_dist(self) -> dist.Distribution:
         """The standard normal base over the latent vector (on the guide's device)."""
         ref = self.transform.parts[-1].loc
         return dist.Normal(ref.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1)
 
-    def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransformModule:
+    def get_transform(self, *args: Any, **kwargs: Any) -> Chain:
         """The flow from the base to the unconstrained latents (``NeuTraReparam`` uses it)."""
         return self.transform
 

@@ -23,6 +23,7 @@ from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 
 from .transforms.actnorm import ActNorm
+from .transforms.chain import Chain
 from .transforms.conv1x1 import InvertibleConv1x1
 from .transforms.coupling import affine_coupling
 from .transforms.downsample import ChannelPermutation, InvertibleDownsampling
@@ -331,7 +332,7 @@ def posterior_flow(
     log_scale_bound: float = 4.0,
     init_scale: float = 1.0,
     activation: str = "lipswish",
-) -> ComposeTransformModule:
+) -> Chain:
     """The flow of :class:`~pyro_invres.autoguide.AutoResidualFlow`, base to latent.
 
     .. math::
@@ -345,7 +346,9 @@ def posterior_flow(
     evenly before and between the ``K`` i-ResNet blocks ``F_k`` (explicit in this,
     the sampling, direction, with the exact log-det), and ``A`` a learned
     lower-triangular affine map. Why this shape is in the :mod:`~pyro_invres.autoguide`
-    module's docstring.
+    module's docstring. The parts run as one :class:`~pyro_invres.transforms.chain.Chain`
+    (validated and cached at its ends only: a guide scores its own samples from the one
+    pair it keeps).
 
     Arguments:
         input_dim: ``D``.
@@ -396,7 +399,7 @@ def posterior_flow(
                 )
             )
     parts.append(TriangularAffine(dim, init_scale=init_scale))
-    return ComposeTransformModule(parts)
+    return Chain(parts)
 
 
 # -- flows by name -------------------------------------------------------------------------------
