@@ -7,8 +7,15 @@
 * :class:`Standardization`, :func:`support_transform`: the z-scoring and the support map.
 """
 
+from .fit import ConditionalFitResult, fit_conditional
 from .flow import ConditionalFlow
 from .standardize import Standardization
 from .support import support_transform
 
-__all__ = ["ConditionalFlow", "Standardization", "support_transform"]
+__all__ = [
+    "ConditionalFitResult",
+    "ConditionalFlow",
+    "Standardization",
+    "fit_conditional",
+    "support_transform",
+]

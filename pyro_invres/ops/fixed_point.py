@@ -64,6 +64,8 @@ __all__ = [
     "ConvergenceError",
     "FixedPoint",
     "Newton",
+    "SECANT_MAX_DIM",
+    "Secant",
     "SolverName",
     "ConvergenceWarning",
     "SolveInfo",
@@ -72,7 +74,7 @@ __all__ = [
     "SOLVER_METHODS",
 ]
 
-SOLVER_METHODS = ("fixed_point", "anderson", "newton")
+SOLVER_METHODS = ("fixed_point", "anderson", "newton", "secant")
 #: the string shorthands a block accepts for its solver
 SolverName = Literal["fixed_point", "anderson", "newton"]
 
@@ -292,10 +294,69 @@ class Newton(FixedPoint):
     method: ClassVar[str] = "newton"
 
 
+@dataclass(frozen=True)
+class Secant(FixedPoint):
+    """Quasi-Newton steps from one secant model of the residual shared by the whole batch.
+
+    The samples of a batch solve ``x_i = f_i(x_i)`` with maps that differ in their input
+    (and context) but share one network, so their Jacobians are alike. Every evaluation
+    gives each sample a secant pair ``(s_i, \\Delta r_i)`` of the residual
+    ``r(x) = x - f(x)``; a ridge regression over all pairs so far (each normalised to
+    ``||s_i|| = 1``, so every sample has one vote) fits one ``n x n`` matrix
+
+    .. math::
+
+        A = I + \\textstyle\\sum_i (\\Delta r_i - s_i) s_i^\\top
+        \\bigl(\\sum_i s_i s_i^\\top + \\lambda\\, \\tfrac{\\mathrm{tr}}{n}\\, I\\bigr)^{-1}
+        \\approx I - J_f ,
+
+    (``lambda = ridge`` pulls unexplored directions towards the Banach step) and every
+    sample steps ``x <- x - A^{-1} r(x)``: Newton's step with the batch's Jacobian, learnt
+    for free from the iterations, at the cost of one ``(B, n) x (n, n)`` product. No
+    Jacobian of ``f`` is needed, so it works with any network; the model is ``n x n`` for
+    an event of ``n`` numbers, so it suits small events (at most :data:`SECANT_MAX_DIM`).
+
+    The steps are safeguarded as Newton's are (a point whose step did not shrink by the
+    contraction factor is replaced by the Banach step from the last accepted point), and
+    the stopping rule is the same Banach bound, so the answer is as rigorous as the fixed
+    point's. The first step, before any pair exists, is the Banach step.
+
+    Attributes:
+        ridge: ``lambda``, the pull of the model towards ``A = I`` (relative to the mean
+            squared length of the normalised steps, 1).
+
+    Example:
+        >>> import torch
+        >>> y = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], dtype=torch.float64)
+        >>> f = lambda x: y - 0.8 * torch.tanh(x @ torch.tensor([[1.0, 0.5], [-0.5, 1.0]],
+        ...                                                       dtype=torch.float64))
+        >>> _, banach = solve_fixed_point(f, y, contraction=0.9)
+        >>> _, secant = solve_fixed_point(f, y, contraction=0.9, **Secant().options())
+        >>> secant.converged, secant.iterations < banach.iterations
+        (True, True)
+    """
+
+    method: ClassVar[str] = "secant"
+    ridge: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ridge = _check_tolerance("ridge", self.ridge)
+        object.__setattr__(self, "ridge", ridge)
+
+    def options(self) -> dict[str, object]:
+        """The keyword arguments of :func:`solve_fixed_point` this object stands for."""
+        return {**super().options(), "ridge": self.ridge}
+
+
+#: the largest event (numbers per sample) ``method="secant"`` takes: its model is n x n
+SECANT_MAX_DIM = 256
+
 _SOLVERS: dict[str, type[FixedPoint]] = {
     "fixed_point": FixedPoint,
     "anderson": Anderson,
     "newton": Newton,
+    "secant": Secant,
 }
 
 
@@ -330,6 +391,7 @@ def solve_fixed_point(
     max_iter: int = 1000,
     method: str = "fixed_point",
     history: int = 5,
+    ridge: float = 1e-3,
     jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     strict: bool = False,
     what: str = "fixed-point solve",
@@ -344,9 +406,11 @@ def solve_fixed_point(
         atol: absolute tolerance (default from :func:`default_tolerances`).
         rtol: relative tolerance (default from :func:`default_tolerances`).
         max_iter: the most evaluations of ``f``.
-        method: ``"fixed_point"`` (Banach iteration), ``"anderson"`` or ``"newton"``.
+        method: ``"fixed_point"`` (Banach iteration), ``"anderson"``, ``"newton"`` or
+            ``"secant"`` (see :class:`Secant`).
         history: the number of past iterates Anderson mixes (at most the event size is
             used: beyond it the differences are linearly dependent).
+        ridge: the pull of the ``"secant"`` model towards the Banach step (:class:`Secant`).
         jacobian: for ``"newton"`` (and only there): ``x -> (f(x), J_f(x))`` with the
             Jacobian shaped ``x.shape + x.shape[-1:]`` (one event dimension); every
             evaluation then goes through it instead of ``f``.
@@ -395,6 +459,15 @@ def solve_fixed_point(
         if event_ndim != 1:
             raise ValueError(f"method='newton' takes one event dimension, got {event_dim}")
         stepper = _NewtonStepper(contraction)
+    elif method == "secant":
+        if numel_event > SECANT_MAX_DIM:
+            raise ValueError(
+                f"method='secant' fits an n x n model of the residual, for events of at most "
+                f"{SECANT_MAX_DIM} numbers; this one has {numel_event}: use 'fixed_point' or "
+                "'anderson'"
+            )
+        ridge = _check_tolerance("ridge", ridge)  # type: ignore[assignment]
+        stepper = _SecantStepper(contraction, numel_event, float(ridge))
 
     def per_sample(t: Tensor) -> Tensor:  # (B,) -> broadcastable against x
         return t.reshape(batch_shape + (1,) * event_ndim)
@@ -652,3 +725,62 @@ class _AndersonStepper(_SafeguardedStepper):
         x_new = x_new.reshape(x.shape).to(x.dtype)
         good &= torch.isfinite(x_new).reshape(-1, self.n).all(-1)
         return self.fall_back(_where_sample(good, x_new, ref_fx), accept)
+
+
+class _SecantStepper(_SafeguardedStepper):
+    """Steps ``x <- x - A^{-1} r(x)`` with one ridge-fitted secant model ``A`` for the batch.
+
+    ``A`` is refitted after every evaluation from the running sums of the normalised pairs
+    (see :class:`Secant`); pairs whose step is within the rounding of the iterate carry
+    noise rather than slope and are left out. A model that cannot be inverted leaves the
+    Banach step in place; the safeguard (rate: the contraction factor) rejects a step
+    that did worse than a Banach step would have.
+    """
+
+    def __init__(self, contraction: float | None, numel_event: int, ridge: float) -> None:
+        super().__init__(1.0 if contraction is None else float(contraction))
+        self.n = numel_event
+        self.ridge = ridge
+        self.ss: Tensor | None = None  # sum of s s^T over the pairs
+        self.ds: Tensor | None = None  # sum of (dr - s) s^T
+        self.prev: tuple[Tensor, Tensor] | None = None  # the last evaluated (x, r), flat
+        self.step_map: Tensor | None = None  # A^{-T}: x <- x - r @ step_map
+
+    def _learn(self, x: Tensor, r: Tensor) -> None:
+        if self.prev is not None:
+            s, dr = x - self.prev[0], r - self.prev[1]
+            size = s.norm(dim=-1, keepdim=True)
+            noise = 64 * torch.finfo(x.dtype).eps * (x.norm(dim=-1, keepdim=True) + 1.0)
+            usable = (size > noise) & torch.isfinite(dr).all(-1, keepdim=True)
+            if bool(usable.any()):
+                s = torch.where(usable, s / size.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+                dr = torch.where(usable, dr / size.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+                ss, ds = s.T @ s, (dr - s).T @ s
+                self.ss = ss if self.ss is None else self.ss + ss
+                self.ds = ds if self.ds is None else self.ds + ds
+                self.step_map = self._fit()
+        self.prev = (x, r)
+
+    def _fit(self) -> Tensor | None:
+        assert self.ss is not None and self.ds is not None
+        eye = torch.eye(self.n, dtype=self.ss.dtype, device=self.ss.device)
+        scale = self.ss.diagonal().sum() / self.n
+        gram = self.ss + self.ridge * scale * eye
+        # J ~ ds gram^{-1}, then A = I + J, and the step map is A^{-T} (rows are samples)
+        jac_t, info = torch.linalg.solve_ex(gram, self.ds.T)  # gram symmetric: (ds gram^-1)^T
+        model_t = eye + jac_t
+        step_map, info2 = torch.linalg.inv_ex(model_t)
+        if int(info) or int(info2) or not bool(torch.isfinite(step_map).all()):
+            return None
+        return step_map
+
+    def propose(self, x: Tensor, fx: Tensor, jac: Tensor | None, accept: Tensor) -> Tensor:
+        wide = _wide_dtype(x.dtype)
+        flat_x = x.reshape(-1, self.n).to(wide)
+        flat_r = flat_x - fx.reshape(-1, self.n).to(wide)
+        self._learn(flat_x, flat_r)
+        if self.step_map is None:
+            return self.fall_back(fx, accept)
+        x_new = (flat_x - flat_r @ self.step_map).reshape(x.shape).to(x.dtype)
+        good = torch.isfinite(x_new).reshape(accept.shape[0], -1).all(-1)
+        return self.fall_back(_where_sample(good, x_new, fx), accept)
