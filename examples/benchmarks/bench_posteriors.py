@@ -68,6 +68,7 @@ import argparse
 import copy
 import datetime
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -584,6 +585,23 @@ def run_neutra(
     return rows
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the run used, and whether the package differed from it (results say so)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*cmd: str) -> str:
+        try:
+            done = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True)
+        except OSError:
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "pyro_invres_modified": bool(git("status", "--porcelain", "--", "pyro_invres")),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -618,6 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
             else None,
         },
         "env": env_info(torch.device("cpu")),
+        "git": git_state(),
         "models": {},
     }
     tables = []
