@@ -494,13 +494,17 @@ def solve_fixed_point(
                 fx, jac = jacobian(x)
             else:
                 fx, jac = f(x), None
-            finite = torch.isfinite(fx).reshape(n, -1).all(-1)
             # Banach: ||f(x) - x*|| <= c / (1 - c) * ||f(x) - x||, for any point x, so the
             # bound stays rigorous at an accelerated (Anderson, Newton) point too.
             step = _sample_norm(fx - x, event_ndim).reshape(-1).double()
             size = _sample_norm(fx, event_ndim).reshape(-1).double()
-            step = torch.where(finite, step, math.inf)
-            size = torch.where(finite, size, 0.0)
+            # a norm is inf or nan wherever fx is not finite (or overflows): only then is
+            # the sample-by-sample check of fx needed (the usual iteration skips it)
+            all_finite = bool(torch.isfinite(size).all())
+            if not all_finite:
+                finite = torch.isfinite(fx).reshape(n, -1).all(-1)
+                step = torch.where(finite, step, math.inf)
+                size = torch.where(finite, size, 0.0)
             error = factor * step
             tol = atol + rtol * size
             # rounding in f bounds how small a step can get, whatever the tolerance
@@ -509,31 +513,39 @@ def solve_fixed_point(
             settled = converged | stalled
             # non-finite values at a point the solver had to take (the start or a Banach
             # step) have no fallback: the solve fails there
-            failed = ~settled & ~finite & accept
-            if bool(failed.any()):
-                result = torch.where(per_sample(failed), fx, result)
-                res_error = torch.where(failed, math.inf, res_error)
-                res_tol = torch.where(failed, tol, res_tol)
-                break
+            if not all_finite:
+                failed = ~settled & ~finite & accept
+                if bool(failed.any()):
+                    result = torch.where(per_sample(failed), fx, result)
+                    res_error = torch.where(failed, math.inf, res_error)
+                    res_tol = torch.where(failed, tol, res_tol)
+                    break
             improved = step < best_step
-            best_step = torch.where(improved, step, best_step)
-            best_fx = torch.where(per_sample(improved), fx, best_fx)
-            best_tol = torch.where(improved, tol, best_tol)
-            since_best = torch.where(improved, 0, since_best + 1)
             now_converged = ~settled & (error <= tol)
-            # at the floor the step no longer shrinks: more iterations cannot certify more
-            now_stalled = (
-                ~settled & ~now_converged & (best_step <= floor) & (since_best >= _PATIENCE)
-            )
-            result = torch.where(per_sample(now_converged), fx, result)
-            res_error = torch.where(now_converged, error, res_error)
-            res_tol = torch.where(now_converged, tol, res_tol)
-            converged |= now_converged
-            stalled |= now_stalled
+            if bool(improved.all()):
+                # every sample's step shrank (the usual case): this point is the best one,
+                # and no sample can be stalled; the selections below would copy fx whole
+                best_step, best_fx, best_tol = step, fx, tol
+                since_best = torch.zeros_like(since_best)
+            else:
+                best_step = torch.where(improved, step, best_step)
+                best_fx = torch.where(per_sample(improved), fx, best_fx)
+                best_tol = torch.where(improved, tol, best_tol)
+                since_best = torch.where(improved, 0, since_best + 1)
+                # at the floor the step no longer shrinks: more iterations cannot certify more
+                stalled |= (
+                    ~settled & ~now_converged & (best_step <= floor) & (since_best >= _PATIENCE)
+                )
+            if bool(now_converged.any()):
+                result = torch.where(per_sample(now_converged), fx, result)
+                res_error = torch.where(now_converged, error, res_error)
+                res_tol = torch.where(now_converged, tol, res_tol)
+                converged |= now_converged
             if bool((converged | stalled).all()):
                 break
             x = stepper.propose(x, fx, jac, accept)
-            x = torch.where(per_sample(converged), result, x)
+            if bool(converged.any()):
+                x = torch.where(per_sample(converged), result, x)
         # a sample that stalled or ran out of iterations returns its best point, bound and all
         rest = ~converged & ~failed
         result = torch.where(per_sample(rest), best_fx, result)
@@ -731,9 +743,12 @@ class _SecantStepper(_SafeguardedStepper):
     """Steps ``x <- x - A^{-1} r(x)`` with one ridge-fitted secant model ``A`` for the batch.
 
     ``A`` is refitted after every evaluation from the running sums of the normalised pairs
-    (see :class:`Secant`); pairs whose step is within the rounding of the iterate carry
-    noise rather than slope and are left out. A model that cannot be inverted leaves the
-    Banach step in place; the safeguard (rate: the contraction factor) rejects a step
+    (see :class:`Secant`), taken on a fixed, evenly spaced subset of at most
+    ``max(1024, 16 n)`` samples: the model is a mean over the batch, and a few thousand
+    pairs pin down its ``n^2`` entries, so that for large batches learning costs a small
+    fraction of the step itself. Pairs whose step is within the rounding of the iterate
+    carry noise rather than slope and are left out. A model that cannot be inverted leaves
+    the Banach step in place; the safeguard (rate: the contraction factor) rejects a step
     that did worse than a Banach step would have.
     """
 
@@ -741,23 +756,34 @@ class _SecantStepper(_SafeguardedStepper):
         super().__init__(1.0 if contraction is None else float(contraction))
         self.n = numel_event
         self.ridge = ridge
+        self.rows: Tensor | None = None  # the samples the model learns from
         self.ss: Tensor | None = None  # sum of s s^T over the pairs
         self.ds: Tensor | None = None  # sum of (dr - s) s^T
-        self.prev: tuple[Tensor, Tensor] | None = None  # the last evaluated (x, r), flat
+        self.prev: tuple[Tensor, Tensor] | None = None  # the last evaluated (x, r) of rows
         self.step_map: Tensor | None = None  # A^{-T}: x <- x - r @ step_map
 
     def _learn(self, x: Tensor, r: Tensor) -> None:
+        if self.rows is None:
+            batch, keep = x.shape[0], max(1024, 16 * self.n)
+            self.rows = (
+                None
+                if batch <= keep
+                else torch.linspace(0, batch - 1, keep, device=x.device).round().long()
+            )
+        if self.rows is not None:
+            x, r = x[self.rows], r[self.rows]
         if self.prev is not None:
             s, dr = x - self.prev[0], r - self.prev[1]
             size = s.norm(dim=-1, keepdim=True)
             noise = 64 * torch.finfo(x.dtype).eps * (x.norm(dim=-1, keepdim=True) + 1.0)
-            usable = (size > noise) & torch.isfinite(dr).all(-1, keepdim=True)
+            # a row sum is not finite wherever dr is not (or overflows: then left out too)
+            usable = (size > noise) & torch.isfinite(dr.sum(-1, keepdim=True))
+            weight = torch.where(usable, 1.0 / size.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+            s, dr = s * weight, torch.where(usable, dr * weight, 0.0)
+            ss, ds = s.T @ s, (dr - s).T @ s
+            self.ss = ss if self.ss is None else self.ss + ss
+            self.ds = ds if self.ds is None else self.ds + ds
             if bool(usable.any()):
-                s = torch.where(usable, s / size.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
-                dr = torch.where(usable, dr / size.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
-                ss, ds = s.T @ s, (dr - s).T @ s
-                self.ss = ss if self.ss is None else self.ss + ss
-                self.ds = ds if self.ds is None else self.ds + ds
                 self.step_map = self._fit()
         self.prev = (x, r)
 
@@ -768,8 +794,7 @@ class _SecantStepper(_SafeguardedStepper):
         gram = self.ss + self.ridge * scale * eye
         # J ~ ds gram^{-1}, then A = I + J, and the step map is A^{-T} (rows are samples)
         jac_t, info = torch.linalg.solve_ex(gram, self.ds.T)  # gram symmetric: (ds gram^-1)^T
-        model_t = eye + jac_t
-        step_map, info2 = torch.linalg.inv_ex(model_t)
+        step_map, info2 = torch.linalg.inv_ex(eye + jac_t)
         if int(info) or int(info2) or not bool(torch.isfinite(step_map).all()):
             return None
         return step_map
@@ -782,5 +807,7 @@ class _SecantStepper(_SafeguardedStepper):
         if self.step_map is None:
             return self.fall_back(fx, accept)
         x_new = (flat_x - flat_r @ self.step_map).reshape(x.shape).to(x.dtype)
-        good = torch.isfinite(x_new).reshape(accept.shape[0], -1).all(-1)
-        return self.fall_back(_where_sample(good, x_new, fx), accept)
+        good = torch.isfinite(x_new.reshape(accept.shape[0], -1).sum(-1))
+        if not bool(good.all()):
+            x_new = _where_sample(good, x_new, fx)
+        return self.fall_back(x_new, accept)

@@ -62,7 +62,14 @@ from torch.nn.utils import parametrize
 from ..nn.conditioners import ContextBound, _check_context
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
-from ..ops.fixed_point import FixedPoint, Newton, SolveInfo, SolverName, as_solver
+from ..ops.fixed_point import (
+    SECANT_MAX_DIM,
+    FixedPoint,
+    Newton,
+    SolveInfo,
+    SolverName,
+    as_solver,
+)
 from ..ops.forward_gradient import logdet_with_forward_gradient
 from ..ops.implicit import (
     _functorch_active,
@@ -858,7 +865,7 @@ def conditional_iresnet(
     lipschitz: float = 0.9,
     explicit: str = "forward",
     logdet: LogdetName | Estimator = "auto",
-    solver: SolverName | FixedPoint = "fixed_point",
+    solver: SolverName | FixedPoint | None = None,
     activation: str = "lipswish",
     activation_kwargs: Mapping[str, object] | None = None,
     **legacy: Any,
@@ -872,7 +879,11 @@ def conditional_iresnet(
         lipschitz: the bound on ``Lip_z(g)``, in ``(0, 1)``.
         explicit: ``"forward"`` or ``"inverse"``.
         logdet: the log-det estimator (an object or its name).
-        solver: the solver of the iterative side (an object or its name).
+        solver: the solver of the iterative side (an object or its name). Default:
+            :class:`~pyro_invres.ops.Secant` (one secant model of the block shared by the
+            batch: about half the evaluations of the fixed point when sampling many draws,
+            ``examples/benchmarks/bench_conditional_sampling.py``), ``"fixed_point"`` above
+            :data:`~pyro_invres.ops.fixed_point.SECANT_MAX_DIM` dimensions.
         activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         activation_kwargs: options of the activation (``beta``, ``omega``).
         **legacy: the flat keywords of earlier versions (:data:`LEGACY_OPTIONS`).
@@ -893,6 +904,8 @@ def conditional_iresnet(
             "ConditionalInvertibleResidual(nn, (C, H, W))"
         )
     input_dim = shape[0]
+    if solver is None:
+        solver = "secant" if input_dim <= SECANT_MAX_DIM else "fixed_point"
     hidden = _default_hidden(input_dim) if hidden_dims is None else list(hidden_dims)
     net = ConditionalLipschitzMLP(
         input_dim,
