@@ -642,7 +642,12 @@ def main(argv: list[str] | None = None) -> dict:
     tables = []
     for name in args.models:
         spec = models.MODELS[name]()
-        ref = load_reference(name)
+        try:
+            ref = load_reference(name)
+        except FileNotFoundError as err:  # the other models still run; the JSON says why
+            print(f"{name}: skipped: {err}", flush=True)
+            results["models"][name] = {"error": str(err)}
+            continue
         print(f"{name} ({spec.description})", flush=True)
         res = run_model(spec, ref, args)
         res["description"] = spec.description
@@ -650,10 +655,13 @@ def main(argv: list[str] | None = None) -> dict:
             k: ref.meta.get(k) for k in ("method", "log_z", "min_bulk_ess", "max_rhat")
         }
         results["models"][name] = res
-        tables.append(vi_table(name, {g: r for g, r in res["guides"].items()}))
+        mine = [vi_table(name, res["guides"])]
         if "neutra" in res:
-            tables.append(neutra_table(name, res["neutra"]))
-        print("\n" + tables[-1] + "\n", flush=True)
+            mine.append(neutra_table(name, res["neutra"]))
+        tables += mine
+        print("\n" + "\n\n".join(mine) + "\n", flush=True)
+        if args.out:  # a long run keeps what it has measured so far
+            write_json({**results, "partial": True}, args.out)
     results["wall_s"] = time.perf_counter() - started
     if len(args.models) > 1:
         print("\n\n".join(tables))
