@@ -134,6 +134,20 @@ def test_parameters_are_standardised_on_the_unconstrained_side() -> None:
     assert not bool(flow.context_norm.fitted)
 
 
+def test_standardize_leaves_no_cached_pair_behind() -> None:
+    # standardize maps theta without a graph; a later log_prob of that very tensor must
+    # still be differentiable in it (an identity-keyed cache would hand back the old pair)
+    flow = _box_flow()
+    theta = (LO + (HI - LO) * torch.rand(20, 2, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    flow.standardize(theta)
+    fresh = copy.deepcopy(flow)
+    (grad,) = torch.autograd.grad(flow.condition(x).log_prob(theta).sum(), theta)
+    other = theta.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(fresh.condition(x).log_prob(other).sum(), other)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_a_flow_with_a_support_pickles_and_deep_copies() -> None:
     flow = _box_flow()
     x = torch.randn(5, 3, dtype=torch.float64)

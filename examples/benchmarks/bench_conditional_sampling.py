@@ -261,9 +261,60 @@ def bench_trained(dim: int, args: Any) -> dict[str, Any]:
     return out
 
 
+def bench_overhead(args: Any) -> list[dict[str, Any]]:
+    """Seconds per iteration a solver spends beyond evaluating ``f`` (its bookkeeping).
+
+    ``f(x) = y - tanh(x A^T)`` with ``||A|| = 0.6`` costs almost nothing, so the time of a
+    solve over its iterations, less one evaluation of ``f``, is the solver's own work per
+    iteration (the minimum over 15 runs: the least disturbed by other processes).
+    """
+    from pyro_invres.ops.fixed_point import solve_fixed_point
+
+    def best(fn: Any, runs: int = 15) -> float:
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    rows = []
+    for batch, dim in ((256, 10), (10_000, 10), (10_000, 64)):
+        gen = torch.Generator().manual_seed(args.seed)
+        a = torch.randn(dim, dim, generator=gen)
+        a = 0.6 * a / torch.linalg.matrix_norm(a, ord=2)
+        y = torch.randn(batch, dim, generator=gen)
+
+        def f(x: torch.Tensor, y: torch.Tensor = y, a: torch.Tensor = a) -> torch.Tensor:
+            return y - torch.tanh(x @ a.T)
+
+        f_seconds = best(lambda f=f, y=y: f(y), 50)
+        for name in args.solvers:
+            if name == "newton":
+                continue  # needs a Jacobian: not a bookkeeping comparison
+            solve = lambda name=name, f=f, y=y: solve_fixed_point(  # noqa: E731
+                f, y, contraction=0.9, method=name
+            )
+            iterations = solve()[1].iterations
+            seconds = best(solve)
+            rows.append(
+                {
+                    "batch": batch,
+                    "dim": dim,
+                    "solver": name,
+                    "iterations": iterations,
+                    "overhead_ms_per_iteration": 1e3 * (seconds / iterations - f_seconds),
+                }
+            )
+            print("overhead", rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--part", default="blocks,trained", help="blocks, trained or both")
+    parser.add_argument(
+        "--part", default="blocks,trained,overhead", help="any of blocks, trained, overhead"
+    )
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--dims", default="2,10,64")
     parser.add_argument("--batches", default="256,10000")
@@ -280,7 +331,12 @@ def main() -> None:
         dims, batches = dims[:2], [min(batches)]
         args.simulations, args.epochs, args.draws = 1000, 2, 1000
     started = time.perf_counter()
-    result: dict[str, Any] = {"env": env_info(torch.device("cpu")), "blocks": [], "trained": []}
+    result: dict[str, Any] = {
+        "env": env_info(torch.device("cpu")),
+        "blocks": [],
+        "trained": [],
+        "overhead": [],
+    }
     settings = {
         "float64 rtol=1e-6 atol=0": (torch.float64, {"atol": 0.0, "rtol": 1e-6}),
         "float32 default tolerances": (torch.float32, {}),
@@ -298,6 +354,8 @@ def main() -> None:
             row = bench_trained(dim, args)
             result["trained"].append(row)
             print("trained", dim, {s: row[s] for s in args.solvers}, flush=True)
+    if "overhead" in args.part:
+        result["overhead"] = bench_overhead(args)
     result["seconds"] = time.perf_counter() - started
     out = Path(args.out) if args.out else RESULTS_DIR / "conditional_sampling_cpu.json"
     if not args.quick or args.out:
@@ -341,6 +399,11 @@ def print_tables(result: dict[str, Any], solvers: list[str]) -> None:
             )
     headers = ["D", "solver", "evals/block", "per block", "seconds", "explicit passes"]
     print(markdown_table(headers, rows))
+    rows = [
+        [r["batch"], r["dim"], r["solver"], r["iterations"], r["overhead_ms_per_iteration"]]
+        for r in result["overhead"]
+    ]
+    print(markdown_table(["batch", "n", "solver", "iterations", "overhead ms/iteration"], rows))
 
 
 if __name__ == "__main__":

@@ -286,8 +286,17 @@ class ContextBound(nn.Module):
 
     def _check(self, x: Tensor) -> None:
         # a scalar context is left to the network, whose message names its context_dim
-        if self.event_dim is not None and self.context.dim():
+        if self.event_dim is None or not self.context.dim():
+            return
+        try:
             _check_context(self.context, self.context.shape[-1], x, event_dim=self.event_dim)
+        except ValueError as err:
+            # the usual way here: Pyro's ConditionalTransformedDistribution draws (n, D)
+            # from its base whatever the contexts' batch is
+            raise ValueError(
+                f"{err}; to draw samples (n, B, D) for contexts (B, C), the base distribution "
+                "needs batch shape (B,): pyro_invres.npe.ConditionalFlow builds it so"
+            ) from None
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         self._check(x)

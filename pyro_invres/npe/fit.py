@@ -151,9 +151,9 @@ def _split(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
 
 def _data_digest(theta: Tensor, x: Tensor) -> list[float]:
     """A cheap fingerprint of the training pairs, so a resume on other data is refused."""
-    with torch.no_grad():
-        t, v = theta.double(), x.double()
-        weights = torch.linspace(1.0, 2.0, len(t), dtype=torch.float64, device=t.device)
+    with torch.no_grad():  # on the CPU in float64: the same numbers on any device
+        t, v = theta.detach().cpu().double(), x.detach().cpu().double()
+        weights = torch.linspace(1.0, 2.0, len(t), dtype=torch.float64)
         return [
             float(t.sum()),
             float(v.sum()),

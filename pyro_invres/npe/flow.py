@@ -186,7 +186,9 @@ class ConditionalFlow(nn.Module, ConditionalDistribution):
         """Parameters mapped from the support to ``R^D`` (the side the flow and z-score see)."""
         if self._support_map is None:
             return theta
-        return self._support_map.inv(theta)
+        # an uncached bijection: a pair cached here, without a graph, must not answer a
+        # later log_prob of the same tensor
+        return support_transform(self.support, self.input_dim, cache_size=0).inv(theta)
 
     def standardize(
         self, theta: Tensor | None = None, context: Tensor | None = None

@@ -42,18 +42,21 @@ def _is_identity(t: Transform) -> bool:
     return isinstance(t, ComposeTransform) and not t.parts
 
 
-def support_transform(support: constraints.Constraint | None, input_dim: int) -> Transform | None:
+def support_transform(
+    support: constraints.Constraint | None, input_dim: int, cache_size: int = 1
+) -> Transform | None:
     """The bijection ``R^input_dim -> support`` (``biject_to``), or ``None`` for all of ``R^D``.
 
     A constraint on single coordinates (``event_dim`` 0, such as ``interval``) is taken
-    coordinate by coordinate, as ``independent(support, 1)``. The transform caches its last
-    pair (``cache_size=1``), so scoring a sample it produced reuses the unconstrained point
-    instead of inverting a sigmoid that has rounded to its bound.
+    coordinate by coordinate, as ``independent(support, 1)``. By default the transform
+    caches its last pair (``cache_size=1``), so scoring a sample it produced reuses the
+    unconstrained point instead of inverting a sigmoid that has rounded to its bound.
 
     Arguments:
         support: the prior's support (``prior.support``); ``None``, ``real`` or
             ``real_vector`` mean no bound.
         input_dim: the dimension ``D`` of the parameters.
+        cache_size: 1 (keep the last pair, as Pyro's transforms do) or 0.
 
     Returns:
         A transform with event dimension 1, or ``None`` when the support is all of ``R^D``.
@@ -70,6 +73,8 @@ def support_transform(support: constraints.Constraint | None, input_dim: int) ->
         >>> t(torch.zeros(1, 3)), t.log_abs_det_jacobian(torch.zeros(3), t(torch.zeros(3)))
         (tensor([[1., 1., 1.]]), tensor(-2.0794))
     """
+    if cache_size not in (0, 1):
+        raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
     if support is None:
         return None
     if not isinstance(support, constraints.Constraint):
@@ -103,4 +108,4 @@ def support_transform(support: constraints.Constraint | None, input_dim: int) ->
             f"the support {support} does not fit parameters of dimension {input_dim}: its "
             f"bijection maps a ({input_dim},) vector to shape {tuple(out.shape)}"
         )
-    return t.with_cache(1)
+    return t.with_cache(cache_size)

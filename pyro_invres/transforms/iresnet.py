@@ -880,10 +880,11 @@ def conditional_iresnet(
         explicit: ``"forward"`` or ``"inverse"``.
         logdet: the log-det estimator (an object or its name).
         solver: the solver of the iterative side (an object or its name). Default:
-            :class:`~pyro_invres.ops.Secant` (one secant model of the block shared by the
-            batch: about half the evaluations of the fixed point when sampling many draws,
-            ``examples/benchmarks/bench_conditional_sampling.py``), ``"fixed_point"`` above
-            :data:`~pyro_invres.ops.fixed_point.SECANT_MAX_DIM` dimensions.
+            :class:`~pyro_invres.ops.fixed_point.Secant` (one secant model of the block
+            shared by the batch: fewer evaluations than the fixed point when sampling many
+            draws, ``examples/benchmarks/bench_conditional_sampling.py``), and
+            ``"fixed_point"`` above :data:`~pyro_invres.ops.fixed_point.SECANT_MAX_DIM`
+            dimensions.
         activation: a name from :data:`~pyro_invres.nn.activations.ACTIVATIONS`.
         activation_kwargs: options of the activation (``beta``, ``omega``).
         **legacy: the flat keywords of earlier versions (:data:`LEGACY_OPTIONS`).
