@@ -293,6 +293,16 @@ def test_fit_refuses_data_that_do_not_fit() -> None:
         fit_conditional(flow, theta, x, resume=True, progress=False)
 
 
+def test_pyro_conditional_flows_train_with_the_same_helper() -> None:
+    from pyro.distributions.transforms import conditional_spline
+
+    theta, x = _pairs(200)
+    box = dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1).support
+    flow = ConditionalFlow(conditional_spline(2, 2, [16]), 2, 2, support=box)
+    result = fit_conditional(flow, theta, x, max_epochs=2, progress=False)
+    assert result.epochs == 2 and flow.condition(x[:3]).sample((4,)).shape == (4, 3, 2)
+
+
 def test_progress_bar_runs() -> None:
     theta, x = _pairs(100)
     result = fit_conditional(_small_flow(), theta, x, max_epochs=1, progress=True)

@@ -9,7 +9,9 @@ counts that work per block solve and per solver (``fixed_point``, ``anderson``, 
   (:class:`~pyro_invres.nn.ConditionalLipschitzMLP`) scaled so that the largest ``||J_g||``
   over sampled points is ``c = 0.9`` (a worst case, as ``bench_residual_flow.py`` builds for
   its inversion table), at ``D = 2, 10, 64``; float64 with ``rtol = 1e-6, atol = 0`` (that
-  table's target) and float32 with the default tolerances (what sampling uses);
+  table's target) and float32 with the default tolerances (what sampling uses); the batch
+  shares one context (``one``: drawing for one observation) or has one per sample
+  (``each``);
 * **trained flows** (``--part trained``): :func:`~pyro_invres.flows.conditional_residual_flow`
   (5 blocks of ``[64, 64]``) trained with :func:`~pyro_invres.npe.fit_conditional` on two
   toy simulators (``D = 2``: a two-moons-like one; ``D = 10``: ``x = theta + 0.3 theta^3 +``
@@ -125,12 +127,18 @@ def solver_object(name: str, tolerances: dict[str, float]) -> Any:
 
 
 def bench_block(
-    dim: int, dtype: torch.dtype, batch: int, tolerances: dict[str, float], args: Any
+    dim: int,
+    dtype: torch.dtype,
+    batch: int,
+    tolerances: dict[str, float],
+    contexts: str,
+    args: Any,
 ) -> dict[str, Any]:
     from pyro_invres.transforms.iresnet import ConditionalInvertibleResidual
 
     gen = torch.Generator().manual_seed(args.seed)
-    context = torch.randn(batch, CONTEXT_DIM, dtype=dtype, generator=gen)
+    rows = 1 if contexts == "one" else batch  # one observation for all, or one each
+    context = torch.randn(rows, CONTEXT_DIM, dtype=dtype, generator=gen).expand(batch, -1)
     z_true = torch.randn(batch, dim, dtype=dtype, generator=gen)
     net = worst_case_net(dim, dtype, args.seed + dim, z_true, context)
     blocks = {
@@ -145,7 +153,7 @@ def bench_block(
     }
     bound = {name: block.condition(context) for name, block in blocks.items()}
     explicit = next(iter(bound.values()))
-    out: dict[str, Any] = {"dim": dim, "hidden": BLOCKS[dim], "batch": batch}
+    out: dict[str, Any] = {"dim": dim, "hidden": BLOCKS[dim], "batch": batch, "contexts": contexts}
     with torch.no_grad():
         w = explicit._inverse(z_true)  # explicit="inverse": the explicit pass maps z to w
         for name, block in bound.items():
@@ -318,6 +326,12 @@ def main() -> None:
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--dims", default="2,10,64")
     parser.add_argument("--batches", default="256,10000")
+    parser.add_argument(
+        "--contexts",
+        default="one,each",
+        help="one: the batch shares one context (sampling for one observation); each: a "
+        "context per sample",
+    )
     parser.add_argument("--simulations", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--draws", type=int, default=10_000)
@@ -343,12 +357,13 @@ def main() -> None:
     }
     if "blocks" in args.part:
         for label, (dtype, tol) in settings.items():
-            for dim in dims:
-                for batch in batches:
-                    row = bench_block(dim, dtype, batch, tol, args)
-                    row["setting"] = label
-                    result["blocks"].append(row)
-                    print(label, dim, batch, {s: row[s] for s in args.solvers}, flush=True)
+            for contexts in args.contexts.split(","):
+                for dim in dims:
+                    for batch in batches:
+                        row = bench_block(dim, dtype, batch, tol, contexts, args)
+                        row["setting"] = label
+                        result["blocks"].append(row)
+                        print(label, contexts, dim, batch, {s: row[s] for s in args.solvers})
     if "trained" in args.part:
         for dim in [d for d in dims if d <= 10]:
             row = bench_trained(dim, args)
@@ -371,6 +386,7 @@ def print_tables(result: dict[str, Any], solvers: list[str]) -> None:
             rows.append(
                 [
                     row["setting"],
+                    row.get("contexts", "each"),
                     row["dim"],
                     row["batch"],
                     s,
@@ -380,7 +396,8 @@ def print_tables(result: dict[str, Any], solvers: list[str]) -> None:
                     r["max_rel_error"],
                 ]
             )
-    headers = ["setting", "D", "batch", "solver", "evals", "jacobian evals", "fwd-eq", "max err"]
+    headers = ["setting", "contexts", "D", "batch", "solver", "evals", "jacobian evals"]
+    headers += ["fwd-eq", "max err"]
     print(markdown_table(headers, rows))
     rows = []
     for row in result["trained"]:

@@ -51,7 +51,7 @@ from ..checkpoint import (
 )
 from ..optim import joint_adam
 from ..train import NonFiniteLossError
-from ..transforms.actnorm import initialize_actnorm
+from ..transforms.actnorm import ActNorm, initialize_actnorm
 from .flow import ConditionalFlow
 
 __all__ = ["ConditionalFitResult", "fit_conditional"]
@@ -179,11 +179,20 @@ def _validation_loss(flow: ConditionalFlow, theta: Tensor, x: Tensor, chunk: int
 
 def _initialize_actnorm(flow: ConditionalFlow, theta: Tensor, x: Tensor) -> None:
     """ActNorm layers initialise from the (standardised) training parameters, given their x."""
+    pending = [m for m in flow.transform.modules() if isinstance(m, ActNorm)]
+    if not any(not m.is_initialized for m in pending):
+        return  # none (Pyro's own conditional flows), or all initialised already
     rows = torch.linspace(0, len(theta) - 1, min(len(theta), 4096), device=theta.device)
     rows = rows.round().long()
     with torch.no_grad():
         z = flow.parameter_norm.standardize(flow.unconstrain(theta[rows]))
         parts = flow.transforms(x[rows])[0]
+    if not isinstance(parts, torch.nn.Module):
+        raise TypeError(
+            f"the flow holds ActNorm layers, but conditioning it gives a "
+            f"{type(parts).__name__}, not a module through which they can be initialised; "
+            "build it from pyro_invres blocks and Pyro's ConditionalComposeTransformModule"
+        )
     initialize_actnorm(parts, z)
 
 
