@@ -186,7 +186,7 @@ def _initialize_actnorm(flow: ConditionalFlow, theta: Tensor, x: Tensor) -> None
     rows = rows.round().long()
     with torch.no_grad():
         z = flow.parameter_norm.standardize(flow.unconstrain(theta[rows]))
-        parts = flow.transforms(x[rows])[0]
+        parts = flow.conditioned(x[rows])
     if not isinstance(parts, torch.nn.Module):
         raise TypeError(
             f"the flow holds ActNorm layers, but conditioning it gives a "

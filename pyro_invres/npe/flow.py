@@ -36,7 +36,7 @@ from pyro.distributions.conditional import (
 )
 from torch import Tensor, nn
 from torch.distributions import constraints
-from torch.distributions.transforms import Transform
+from torch.distributions.transforms import ComposeTransform, Transform
 
 from .standardize import Standardization
 from .support import support_transform
@@ -156,13 +156,23 @@ class ConditionalFlow(nn.Module, ConditionalDistribution):
         return out
 
     # -- the distribution --------------------------------------------------------------------
-    def transforms(self, context: Tensor) -> list[Transform]:
-        """The transforms from base noise to parameters for ``context`` (flow, z-score, support)."""
+    def conditioned(self, context: Tensor) -> Transform:
+        """The flow ``f(.; e(x))`` for ``context`` alone, from base noise to standardised
+        parameters (a module, for Pyro's and this package's conditional stacks)."""
         if isinstance(self.transform, ConditionalTransform):
-            parts: list[Transform] = [self.transform.condition(self.embed(context))]
-        else:  # an unconditional flow: the same for every context
-            self._check_context(context)
-            parts = [self.transform]
+            return self.transform.condition(self.embed(context))
+        self._check_context(context)  # an unconditional flow: the same for every context
+        return self.transform
+
+    def transforms(self, context: Tensor) -> list[Transform]:
+        """The transforms from base noise to parameters for ``context`` (flow, z-score, support).
+
+        A composed flow is given part by part: torch recomputes a composition's domain
+        and codomain on every access, which made building the distribution cost more
+        than a small batch's scoring pass.
+        """
+        flow = self.conditioned(context)
+        parts = list(flow.parts) if isinstance(flow, ComposeTransform) and flow.parts else [flow]
         parts.append(self.parameter_norm.transform())
         if self._support_map is not None:
             parts.append(self._support_map)
