@@ -123,7 +123,7 @@ def solver_object(name: str, tolerances: dict[str, float]) -> Any:
     from pyro_invres.ops.fixed_point import as_solver
 
     kind = type(as_solver(name))
-    return kind(**tolerances, max_iter=10_000, warm_start=False)
+    return kind(**tolerances, max_iter=1000, warm_start=False)
 
 
 def bench_block(
