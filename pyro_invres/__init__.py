@@ -16,7 +16,18 @@ __version__ = "0.1.0"
 
 #: Each public name and the submodule that defines it.
 _EXPORTS = {
-    **dict.fromkeys(["base_shape", "glow", "irevnet", "residual_flow"], ".flows"),
+    **dict.fromkeys(
+        [
+            "base_shape",
+            "conditional_residual_flow",
+            "glow",
+            "irevnet",
+            "posterior_flow",
+            "residual_flow",
+        ],
+        ".flows",
+    ),
+    "AutoResidualFlow": ".autoguide",
     **dict.fromkeys(["ConvergenceError", "ConvergenceWarning"], ".ops"),
     **dict.fromkeys(
         [
@@ -56,13 +67,21 @@ _EXPORTS = {
         ".transforms",
     ),
 }
-_SUBMODULES = ("nn", "ops")
+_SUBMODULES = ("nn", "npe", "ops")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 if TYPE_CHECKING:  # static tools see the names as before
-    from . import nn, ops  # noqa: F401
-    from .flows import base_shape, glow, irevnet, residual_flow  # noqa: F401
+    from . import nn, npe, ops  # noqa: F401
+    from .autoguide import AutoResidualFlow  # noqa: F401
+    from .flows import (  # noqa: F401
+        base_shape,
+        conditional_residual_flow,
+        glow,
+        irevnet,
+        posterior_flow,
+        residual_flow,
+    )
     from .ops import ConvergenceError, ConvergenceWarning  # noqa: F401
     from .transforms import *  # noqa: F401,F403
 

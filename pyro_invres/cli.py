@@ -85,7 +85,7 @@ _TOY_DATASETS = (
 )
 _ACTIVATIONS = ("sine", "lipswish", "clipswish", "elu", "relu")
 _SPLITS = ("equal", "learned")
-_SOLVERS = ("newton", "anderson", "fixed_point")
+_SOLVERS = ("newton", "anderson", "fixed_point", "secant")
 _DATA_SUFFIXES = (".npy", ".csv", ".pt")  # data_files.DATA_SUFFIXES
 
 #: The ``fit`` defaults: the ``iresnet-2d`` preset's flow options

@@ -1,12 +1,14 @@
 """The maths of invertible residual blocks as small pure functions taking callables."""
 
 from .fixed_point import (
+    SECANT_MAX_DIM,
     SOLVER_METHODS,
     Anderson,
     ConvergenceError,
     ConvergenceWarning,
     FixedPoint,
     Newton,
+    Secant,
     SolveInfo,
     default_tolerances,
     solve_fixed_point,
@@ -28,6 +30,7 @@ from .logdet import (
 )
 
 __all__ = [
+    "SECANT_MAX_DIM",
     "SOLVER_METHODS",
     "Anderson",
     "Auto",
@@ -37,6 +40,7 @@ __all__ = [
     "FixedPoint",
     "Newton",
     "Roulette",
+    "Secant",
     "Series",
     "SolveInfo",
     "default_tolerances",

@@ -76,7 +76,7 @@ __all__ = [
 
 SOLVER_METHODS = ("fixed_point", "anderson", "newton", "secant")
 #: the string shorthands a block accepts for its solver
-SolverName = Literal["fixed_point", "anderson", "newton"]
+SolverName = Literal["fixed_point", "anderson", "newton", "secant"]
 
 
 class ConvergenceWarning(RuntimeWarning):
