@@ -121,6 +121,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 100,
     "evaluate_n": 5_000,
 }
+#: Fewer training rows than this are refused: the fit and its held-out NLL would mean nothing.
+_MIN_TRAIN_ROWS = 10
 _SAMPLE_FORMATS = (".pt", ".npy", ".csv", ".png")
 _PROG = "pyro-invres"
 #: What ``fit`` writes under ``--out``; any of them there means the directory holds a run.
@@ -454,7 +456,36 @@ def _sample_parser(sub: Any, common: dict[str, Any]) -> _Parser:
     )
     sample.add_argument("--seed", type=int, default=0, help="seeds the draw")
     sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    _threads_option(sample)
     return sample
+
+
+def _threads_option(parser: Any) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULTS["threads"],
+        help="torch CPU threads (the small networks gain nothing from more)",
+    )
+
+
+def _with_threads(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Run a command with ``--threads`` torch threads, restoring the setting after it."""
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        _positive("threads", args.threads)
+        before = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return command(args)
+        finally:
+            torch.set_num_threads(before)  # main() may run inside a longer-lived process
+
+    run.__name__ = command.__name__
+    run.__doc__ = command.__doc__
+    return run
 
 
 def _evaluate_parser(sub: Any, common: dict[str, Any]) -> _Parser:
@@ -495,6 +526,7 @@ def _evaluate_parser(sub: Any, common: dict[str, Any]) -> _Parser:
         help="toy data sets only: seed of the fresh points (default: the fit's seed + 1)",
     )
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    _threads_option(evaluate)
     return evaluate
 
 
@@ -804,6 +836,12 @@ def _file_data(args: argparse.Namespace) -> _RunData:
         train, test = split_data(table.data, fraction, seed)
     except ValueError as err:
         raise ValueError(f"{table.path}: {err}") from None
+    if len(train) < _MIN_TRAIN_ROWS:
+        # a flow fitted to a handful of rows reports a held-out NLL that means nothing
+        raise ValueError(
+            f"{table.path}: {len(train)} training rows (of {len(table.data)}, holding out "
+            f"{fraction:g}) are too few to fit a density; give at least {_MIN_TRAIN_ROWS}"
+        )
     try:
         scale = Standardization.from_data(train)
     except ValueError as err:
@@ -812,6 +850,7 @@ def _file_data(args: argparse.Namespace) -> _RunData:
         "data": str(table.path.resolve()),
         "data_sha256": table.sha256,
         "columns": table.columns,
+        "named_columns": table.has_header,
         "rows": len(table.data),
         "test_fraction": fraction,
         "test_seed": seed,
@@ -1338,7 +1377,9 @@ def _evaluation_rows(
             f"{file} has {table.data.shape[1]} columns, but the checkpoint's flow has {dim}"
         )
     columns = _stored_columns(state)
-    if table.has_header and columns is not None and table.columns != columns:
+    # a fit on a file without a header knows its columns by position only (x0, x1, ...)
+    named = (state["config"].get("metadata") or {}).get("named_columns", True)
+    if table.has_header and named and columns is not None and table.columns != columns:
         raise ValueError(
             f"{file} has columns {table.columns}, the checkpoint was fitted to {columns}: "
             "give the columns in the same order"
@@ -1381,7 +1422,11 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
     return 0 if math.isfinite(nll) else 1
 
 
-_COMMANDS = {"fit": _fit, "sample": _sample_cmd, "evaluate": _evaluate_cmd}
+_COMMANDS = {
+    "fit": _fit,
+    "sample": _with_threads(_sample_cmd),
+    "evaluate": _with_threads(_evaluate_cmd),
+}
 #: Longer error messages are cut: a message is read, not scrolled (a state-dict mismatch
 #: deep in torch can run to kilobytes).
 _MAX_MESSAGE = 600
