@@ -1231,7 +1231,13 @@ def _fit_run(
 def _resume_note(
     state: dict[str, Any], args: argparse.Namespace, checkpoint: Path, n_train: int
 ) -> str:
-    """What resuming does, said before it happens."""
+    """What resuming does, said before it happens (or why it cannot)."""
+    step = state.get("step")
+    if isinstance(step, int) and args.steps < step:
+        raise CommandError(
+            f"--resume: the checkpoint is at step {step}, past --steps {args.steps}: pass "
+            f"--steps {step} or more to continue it"
+        )
     saved = state["config"].get("fit") or {}
     now = {
         "steps": args.steps,

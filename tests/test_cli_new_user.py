@@ -63,3 +63,16 @@ def test_a_table_too_small_to_fit_is_refused_before_out_exists(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "too few to fit a density" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_resume_with_fewer_steps_than_done_names_the_option(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", _table())
+    out = tmp_path / "run"
+    argv = ["fit", "--data", str(tmp_path / "x.npy"), *SMALL, "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv[:-2], "--steps", "4", "--resume", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0] == err.splitlines()[-1]
+    assert "past --steps 4" in errors[0] and "--steps 8 or more" in errors[0]
