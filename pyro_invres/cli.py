@@ -455,6 +455,7 @@ def _sample_parser(sub: Any, common: dict[str, Any]) -> _Parser:
         "plot, or a pair plot above two dimensions)",
     )
     sample.add_argument("--seed", type=int, default=0, help="seeds the draw")
+    sample.add_argument("--force", action="store_true", help="replace an existing --out file")
     sample.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     _threads_option(sample)
     return sample
@@ -1316,6 +1317,9 @@ def _sample_cmd(args: argparse.Namespace) -> int:
     device = _device(args.device)
     path = Path(args.out)
     _check_sample_path(path)  # fail before the work
+    if path.exists() and not args.force:
+        # fit never replaces a run without being told; neither does sample
+        raise CommandError(f"{str(path)!r} exists: pass --force to replace it, or another --out")
     state = load_checkpoint(args.checkpoint)
     scale = load_standardization(state)
     flow = load_flow(state).to(device)

@@ -76,3 +76,18 @@ def test_resume_with_fewer_steps_than_done_names_the_option(tmp_path, capsys):
     errors = [line for line in err.splitlines() if ": error:" in line]
     assert len(errors) == 1 and errors[0] == err.splitlines()[-1]
     assert "past --steps 4" in errors[0] and "--steps 8 or more" in errors[0]
+
+
+def test_sample_refuses_to_replace_a_file_unless_forced(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", _table())
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(tmp_path / "x.npy"), *SMALL, "--out", str(out)]) == 0
+    target = tmp_path / "s.npy"
+    np.save(target, np.zeros(3))
+    argv = ["sample", "--checkpoint", str(out / "checkpoint.pt"), "--n", "5", "--out", str(target)]
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "--force" in capsys.readouterr().err
+    assert np.load(target).shape == (3,)  # untouched
+    assert main([*argv, "--force"]) == 0
+    assert np.load(target).shape == (5, 3)
