@@ -399,13 +399,15 @@ def pair_figure(
                 )
                 ax.set_yticks([])
             else:
+                # samples underneath, the data over them in dark grey: drawn the other way
+                # round, as many samples as data hide the data almost entirely
+                ax.scatter(
+                    few_samples[:, j], few_samples[:, i], s=1.5, color="C1", linewidths=0, alpha=0.4
+                )
                 if few_data is not None:
                     ax.scatter(
-                        few_data[:, j], few_data[:, i], s=1.5, color="0.6", linewidths=0, alpha=0.5
+                        few_data[:, j], few_data[:, i], s=1.5, color="0.2", linewidths=0, alpha=0.5
                     )
-                ax.scatter(
-                    few_samples[:, j], few_samples[:, i], s=1.5, color="C1", linewidths=0, alpha=0.5
-                )
                 ax.set_ylim(*ranges[i])
             ax.set_xlim(*ranges[j])
             if i == shown - 1:
