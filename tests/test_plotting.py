@@ -162,10 +162,10 @@ def test_pair_figure_has_the_lower_triangle_and_the_diagonal(dim):
     assert left == [f"x{i + 1}" for i in range(1, dim)]
     (legend,) = figure.legends
     assert [t.get_text() for t in legend.get_texts()] == ["data", "model samples"]
-    # scatter panels hold the samples over the data, at most max_points of each
+    # scatter panels hold the data over the samples, at most max_points of each
     scatters = [ax for ax in figure.axes if ax.collections]
     assert len(scatters) == dim * (dim - 1) // 2
-    assert [len(c.get_offsets()) for c in scatters[0].collections] == [500, 300]
+    assert [len(c.get_offsets()) for c in scatters[0].collections] == [300, 500]
 
 
 def test_pair_figure_limits_points_and_dimensions():
