@@ -222,10 +222,13 @@ def test_forward_gradient_fallback_refuses_second_derivatives():
         torch.autograd.grad(ladj, context, create_graph=True)
 
 
-def test_laplace_approximation_with_an_iresnet_prior():
+@pytest.mark.parametrize("explicit", ["forward", "inverse"])
+def test_laplace_approximation_with_an_iresnet_prior(explicit):
+    # explicit="forward": the prior's log_prob inverts the block (second derivatives through
+    # the fixed point); "inverse": it runs the explicit side (through the exact log-det)
     torch.manual_seed(0)
     block = iresnet(
-        2, [16], explicit="forward", logdet="exact", activation="sine", solver="newton", **TIGHT
+        2, [16], explicit=explicit, logdet="exact", activation="sine", solver="newton", **TIGHT
     ).double()
     base = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
     data = torch.tensor([[0.8, -0.3], [1.1, 0.1], [0.5, -0.6]], dtype=torch.float64)
