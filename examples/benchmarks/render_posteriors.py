@@ -67,9 +67,10 @@ def render(data: dict, json_name: str) -> str:
     )
     parts = [text]
     for name, res in data.get("models", {}).items():
-        parts.append(bench.vi_table(name, res["guides"]))
+        # the page's sections are level 2 (the benchmark prints level-3 headings)
+        parts.append(bench.vi_table(name, res["guides"]).replace("### ", "## ", 1))
         if "neutra" in res:
-            parts.append(bench.neutra_table(name, res["neutra"]))
+            parts.append(bench.neutra_table(name, res["neutra"]).replace("### ", "## ", 1))
     return "\n\n".join(parts) + "\n"
 
 
