@@ -115,9 +115,10 @@ def load_reference(name: str, ref_dir: Path = REF_DIR) -> Reference:
     """Read ``<name>.npz``, with a clear error naming the command that makes it."""
     path = ref_path(name, ref_dir)
     if not path.exists():
+        maker = "eight_schools" if name.startswith("eight_schools") else name  # one run, both
         raise FileNotFoundError(
             f"no reference posterior for {name!r} at {path}; make it with "
-            f"`python examples/benchmarks/posterior_reference.py --models {name}`"
+            f"`python examples/benchmarks/posterior_reference.py --models {maker}`"
         )
     with np.load(path, allow_pickle=False) as f:
         return Reference(
