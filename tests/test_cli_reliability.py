@@ -178,7 +178,9 @@ def test_cli_resume_refuses_other_data_or_flow_and_reports_the_schedule(
     one_line_error(
         capsys, fit_argv(out, "--resume", "--seed", "5", "--hidden", "4"), "hidden_dims=[8]"
     )
-    one_line_error(capsys, fit_argv(out, "--resume", "--seed", "5", "--steps", "3"), "--steps 6 or more")
+    one_line_error(
+        capsys, fit_argv(out, "--resume", "--seed", "5", "--steps", "3"), "--steps 6 or more"
+    )
     assert main(fit_argv(out, "--resume", "--seed", "5", "--steps", "9", "--lr", "0.02")) == 0
     printed = capsys.readouterr().out
     assert "at step 6" in printed and "--steps 6 -> 9" in printed and "--lr 0.01 -> 0.02" in printed
