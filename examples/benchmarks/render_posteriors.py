@@ -1,6 +1,6 @@
 """Write docs/posterior_results.md from bench_posteriors.py's result JSON.
 
-    python examples/benchmarks/render_posteriors.py [--json PATH] [--doc PATH]
+    python examples/benchmarks/render_posteriors.py [--json PATH ...] [--doc PATH]
 
 The tables are bench_posteriors.py's own (``vi_table``, ``neutra_table``); the page adds
 the run's settings, its command and whether it was complete.
@@ -67,6 +67,10 @@ def render(data: dict, json_name: str) -> str:
     )
     parts = [text]
     for name, res in data.get("models", {}).items():
+        if "guides" not in res:  # skipped (e.g. no reference yet): say so
+            why = res.get("skipped") or res.get("error") or "no results"
+            parts.append(f"## {name}\n\nSkipped: {why}")
+            continue
         # the page's sections are level 2 (the benchmark prints level-3 headings)
         parts.append(bench.vi_table(name, res["guides"]).replace("### ", "## ", 1))
         if "neutra" in res:
@@ -76,16 +80,31 @@ def render(data: dict, json_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", default=str(HERE / "results" / "posteriors_cpu.json"))
+    p.add_argument(
+        "--json",
+        nargs="+",
+        default=[
+            str(HERE / "results" / "posteriors_cpu.json"),
+            str(HERE / "results" / "posteriors_neutra_schools_cpu.json"),
+        ],
+        help="result files, one section each (the first gives the page its title)",
+    )
     p.add_argument("--doc", default=str(HERE.parent.parent / "docs" / "posterior_results.md"))
     args = p.parse_args(argv)
-    path = Path(args.json)
-    data = json.loads(path.read_text())
-    try:
-        name = str(path.resolve().relative_to(HERE.parent.parent))
-    except ValueError:
-        name = str(path)
-    Path(args.doc).write_text(render(data, name))
+    pages = []
+    for k, file in enumerate(args.json):
+        path = Path(file)
+        data = json.loads(path.read_text())
+        try:
+            name = str(path.resolve().relative_to(HERE.parent.parent))
+        except ValueError:
+            name = str(path)
+        text = render(data, name)
+        if k:  # later runs become sections of the first page
+            text = text.replace("# Variational posteriors: measured", "## A further run", 1)
+            text = text.replace("\n## ", "\n### ").replace("### A further run", "## A further run")
+        pages.append(text)
+    Path(args.doc).write_text("\n".join(pages))
     print(f"wrote {args.doc}")
     return 0
 
