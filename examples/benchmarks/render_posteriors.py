@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[
             str(HERE / "results" / "posteriors_cpu.json"),
             str(HERE / "results" / "posteriors_neutra_schools_cpu.json"),
+            str(HERE / "results" / "posteriors_neutra_funnel_cpu.json"),
         ],
         help="result files, one section each (the first gives the page its title)",
     )
