@@ -37,3 +37,17 @@ def seeded_outputs(t, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     torch.manual_seed(10)
     ladj_iy = t.log_abs_det_jacobian(iy, y)
     return [v.detach() for v in (fx, ladj_fx, iy, ladj_iy)]
+
+
+def one_line_error(capsys, argv, *needles: str, status: int = 1) -> str:
+    """Run ``pyro-invres`` with ``argv``: exit ``status``, one line on stderr that starts
+    ``pyro-invres <command>: error:`` and holds every needle, no traceback."""
+    from pyro_invres.cli import main
+
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"pyro-invres {argv[0]}: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -28,6 +28,7 @@ from pyro_invres.data_files import Standardization, check_table, load_data, spli
 from pyro_invres.evaluation import evaluate_nll, make_density
 from pyro_invres.flows import build_flow
 from pyro_invres.train import fit_density, load_checkpoint, load_flow
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "8", "--num-blocks", "1", "--hidden", "8", "--quiet", "--eval-every", "4"]
@@ -40,16 +41,6 @@ def five_d(n: int = 400, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mixing = np.eye(5) + 0.3 * rng.normal(size=(5, 5))
     return (rng.normal(size=(n, 5)) @ mixing) * SCALE + MEAN
-
-
-def one_line_error(capsys, argv, *needles: str, status: int = 1) -> str:
-    assert main(argv) == status
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"pyro-invres {argv[0]}: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 class Figures:

@@ -40,6 +40,7 @@ from pyro_invres.train import (
     load_flow,
     save_checkpoint,
 )
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "6", "--num-blocks", "1", "--hidden", "8", "--n-train", "300"]
@@ -49,17 +50,6 @@ TIMINGS = {"wall_time_s", "eval_time_s", "total_time_s", "sample_time_s"}
 
 def fit_argv(out: Path, *extra: str) -> list[str]:
     return ["fit", *SMALL, "--out", str(out), *extra]
-
-
-def one_line_error(capsys, argv, *needles: str, status: int = 1) -> str:
-    """Run ``main(argv)``: exit ``status``, one line on stderr, ``error:``, no traceback."""
-    assert main(argv) == status
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"pyro-invres {argv[0]}: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def no_temp_files(directory: Path) -> bool:
