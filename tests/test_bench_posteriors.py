@@ -32,6 +32,7 @@ def test_quick_run_scores_every_column_and_writes_only_where_asked(tmp_path):
     results = bp.main(argv + ["--steps", "6", "--draws", "200", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["settings"]["quick"] and saved["settings"]["particles"] == 8
+    assert saved["settings"]["lr_schedule"] == ["0.01 -> 0.001"]  # the default: decaying
     guides = saved["models"]["funnel"]["guides"]
     assert set(guides) == {"normal", "residual-plain"}
     for rows in guides.values():
@@ -49,6 +50,58 @@ def test_quick_run_scores_every_column_and_writes_only_where_asked(tmp_path):
     # the faster guide got more steps in the time the residual flow took
     assert guides["normal"]["equal_time"]["train"]["steps"] >= 6
     assert results["models"]["funnel"]["time_ref"] == "residual-plain"
+
+
+def test_the_schedule_decays_to_its_final_rate_then_holds():
+    schedule = bp.Schedule(1e-2, 1e-3)
+    assert schedule.label == "0.01 -> 0.001" and bp.Schedule(3e-3, 3e-3).label == "0.003 constant"
+    pyro.clear_param_store()
+
+    def model():
+        pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+
+    def guide():
+        loc = pyro.param("loc", torch.tensor(0.5))
+        pyro.sample("x", pyro.distributions.Normal(loc, 1.0))
+
+    optim = schedule.optimizer(7)
+    svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
+    for _ in range(7):
+        svi.step()
+    (opt,) = optim.optim_objs.values()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-9)
+    bp.hold_learning_rate(optim)
+    for _ in range(3):
+        svi.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_lr_grid_keeps_the_best_fresh_elbo_and_draws_go_to_a_side_file(tmp_path):
+    out = tmp_path / "grid.json"
+    argv = ["--quick", "--models", "funnel", "--guides", "normal", "--steps", "5"]
+    argv += ["--draws", "200", "--select-draws", "100", "--save-draws", "50"]
+    bp.main(argv + ["--lr-grid", "1e-2:1e-3", "3e-2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    settings = saved["settings"]
+    assert settings["lr_schedule"] == ["0.01 -> 0.001", "0.03 constant"]
+    assert "fresh draws" in settings["lr_schedule_rule"]
+    for row in saved["models"]["funnel"]["guides"]["normal"].values():
+        grid = row["grid"]
+        assert [g["schedule"] for g in grid] == settings["lr_schedule"]
+        best = max(grid, key=lambda g: g["selection_elbo"])
+        assert row["train"]["schedule"] == best["schedule"]
+        assert "_draws" not in row["metrics"] and "guide" not in row
+    draws = np.load(tmp_path / settings["draws_file"])
+    assert draws["funnel/normal"].shape == (50, 10) and draws["funnel/normal"].dtype == np.float32
+    assert list(draws["funnel/names"]) == pmod.MODELS["funnel"]().names
+
+
+@pytest.mark.parametrize(
+    "bad", [["--lr-grid", "fast"], ["--lr-grid", "1e-2", "1e-2"], ["--lr", "0"]]
+)
+def test_bad_schedules_are_refused(bad):
+    with pytest.raises(SystemExit):
+        bp.parse_args(bad)
 
 
 def test_quick_run_without_out_writes_nothing(tmp_path, monkeypatch):

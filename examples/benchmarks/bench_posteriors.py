@@ -6,9 +6,15 @@ posteriors (:mod:`posterior_reference`, stored under ``results/posterior_refs/``
 the funnel, long NUTS runs otherwise; exact ``log Z`` for the funnel (0) and the eight
 schools (quadrature).
 
-Guides, each trained by the same SVI loop: Adam (``lr = 1e-2`` for every guide, no
-schedule, no clipping), ``Trace_ELBO(num_particles=8, vectorize_particles=True)``, the same
-seed, one thread:
+Guides, each trained by the same SVI loop: Pyro's ``ClippedAdam`` (gradients clipped
+elementwise at 10) with a learning rate decaying geometrically from ``--lr`` (1e-2) to
+``--lr-final`` (1e-3) over ``--steps`` steps and held there after (the equal-time column
+may run longer), ``Trace_ELBO(num_particles=8, vectorize_particles=True)``, the same seed,
+one thread. A constant rate (``--lr-final`` equal to ``--lr``) leaves Adam's step noise in
+the final guide, which the flows with many parameters feel most. ``--lr-grid 1e-2:1e-3
+3e-3:3e-4`` trains every guide once per schedule and keeps, per column, the one with the
+highest ELBO on ``--select-draws`` (2000) fresh guide draws, drawn apart from the draws
+the metrics use: the choice never looks at the reference. The guides are:
 
 ================== ===========================================================================
 ``normal``         ``AutoNormal(model)`` (mean field)
@@ -43,6 +49,11 @@ cache (no inverse is run). Before scoring, every i-ResNet block in a guide is sw
 trained with, and the guide's ``log q`` on a few draws is compared with ``log N(u) - log|det
 J|`` from an autograd Jacobian of the whole flow; both are in the JSON (``log_q`` block).
 
+Draws: the first ``--save-draws`` (2000) of each guide's metric draws at equal steps, in
+the unconstrained coordinates the reference stores (float32), go to a side file next to the
+JSON (``<out>_draws.npz``, keys ``<model>/<guide>`` plus ``<model>/names``) for figures
+(``plot_posteriors.py``) without retraining.
+
 NeuTra-HMC (``--neutra``): for each trained flow guide, ``NeuTraReparam(guide)`` and Pyro's
 NUTS on the warped model (4 chains one after the other, 500 warmup + 500 draws each, chain
 ``c`` seeded ``seed + c``), against plain NUTS on the original model with the same
@@ -66,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import math
 import subprocess
@@ -109,7 +121,58 @@ except ImportError:  # the guide lands on main separately; the harness runs with
     AutoResidualFlow = None
 
 PARTICLES = 8
-LR = 1e-2
+LR, LR_FINAL, CLIP = 1e-2, 1e-3, 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A learning rate decaying geometrically from ``lr`` to ``lr_final`` over ``steps``.
+
+    ``lr_t = lr * (lr_final / lr) ** (t / steps)`` for step ``t <= steps``, then
+    ``lr_final``: Pyro's ``ClippedAdam`` with ``lrd = (lr_final / lr) ** (1 / steps)``,
+    its decay switched off once ``steps`` steps are done.
+
+    Example:
+        >>> round(Schedule(1e-2, 1e-3).lrd(1000) ** 1000, 9)
+        0.1
+    """
+
+    lr: float
+    lr_final: float
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and self.lr_final > 0):
+            raise ValueError(f"learning rates must be positive, got {self.lr}, {self.lr_final}")
+
+    @property
+    def label(self) -> str:
+        if self.lr == self.lr_final:
+            return f"{self.lr:g} constant"
+        return f"{self.lr:g} -> {self.lr_final:g}"
+
+    def lrd(self, steps: int) -> float:
+        return (self.lr_final / self.lr) ** (1.0 / max(steps, 1))
+
+    def optimizer(self, steps: int) -> pyro.optim.PyroOptim:
+        return pyro.optim.ClippedAdam({"lr": self.lr, "lrd": self.lrd(steps), "clip_norm": CLIP})
+
+    @classmethod
+    def parse(cls, text: str) -> Schedule:
+        """``"1e-2:1e-3"`` (decaying) or ``"1e-2"`` (constant)."""
+        try:
+            parts = [float(x) for x in text.split(":")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2):
+            raise ValueError(f"a schedule is LR or LR:LR_FINAL (e.g. 1e-2:1e-3), got {text!r}")
+        return cls(parts[0], parts[-1])
+
+
+def hold_learning_rate(optim: pyro.optim.PyroOptim) -> None:
+    """Stop ``ClippedAdam``'s decay: every parameter's rate stays where it is."""
+    for opt in optim.optim_objs.values():
+        for group in opt.param_groups:
+            group["lrd"] = 1.0
 
 
 # -- guides -------------------------------------------------------------------------------------
@@ -168,8 +231,12 @@ def train(
     snapshot: Callable[[Any], dict],
     budget_s: float | None = None,
     max_steps: int | None = None,
+    schedule: Schedule | None = None,
 ) -> tuple[Any, dict[str, dict]]:
     """One SVI run, scored at ``steps`` steps and, given a budget, at ``budget_s`` CPU seconds.
+
+    The learning rate follows ``schedule`` (default ``LR -> LR_FINAL``) over ``steps``
+    steps and stays at its final value after them.
 
     The run goes on until both points are passed (at most ``max_steps``), so a guide faster
     than the budget keeps training past ``steps`` and a slower one is scored at the budget
@@ -188,7 +255,9 @@ def train(
         vectorize_particles=True,
         max_plate_nesting=models.MAX_PLATE_NESTING,
     )
-    svi = SVI(spec.model, guide, pyro.optim.Adam({"lr": LR}), elbo)
+    schedule = schedule or Schedule(LR, LR_FINAL)
+    optim = schedule.optimizer(steps)
+    svi = SVI(spec.model, guide, optim, elbo)
     max_steps = max(steps, max_steps or steps)
     wanted = ["equal_steps"] + (["equal_time"] if budget_s is not None else [])
     rows: dict[str, dict] = {}
@@ -197,6 +266,7 @@ def train(
 
     def take(label: str, note: str | None = None) -> None:
         row: dict[str, Any] = {"train": _progress(losses, wall, cpu, error)}
+        row["train"]["schedule"] = schedule.label
         if note:
             row["note"] = note
         if error is None:
@@ -218,6 +288,7 @@ def train(
         wall += time.perf_counter() - start
         cpu += time.process_time() - start_cpu
         if "equal_steps" not in rows and len(losses) == steps:
+            hold_learning_rate(optim)
             take("equal_steps")
         if "equal_time" in wanted and "equal_time" not in rows:
             if cpu >= budget_s:
@@ -349,8 +420,24 @@ def evaluate(spec: models.PosteriorModel, guide: Any, ref: Reference, num_draws:
         "sd_err": errors["sd_err"].tolist(),
         "neck": neck_report(spec, errors["sd"], ref),
         "log_q": log_q,
+        "_draws": draws,  # taken out before the JSON is written (they go to the side file)
     }
     return out
+
+
+def selection_elbo(spec: models.PosteriorModel, guide: Any, num_draws: int) -> float:
+    """The ELBO on ``num_draws`` fresh guide draws: how ``--lr-grid`` picks a schedule.
+
+    The draws are apart from the metric draws and nothing here looks at the reference, so
+    the choice is one a user without a reference could make. Exact log-dets, eval mode.
+    """
+    guide.eval()
+    switched = exact_scoring(guide)
+    try:
+        log_w, _ = draw_and_weigh(spec, guide, num_draws)
+    finally:
+        restore_scoring(switched)
+    return pm.elbo(log_w)[0] if np.all(np.isfinite(log_w)) else -math.inf
 
 
 # -- NeuTra-HMC ---------------------------------------------------------------------------------
@@ -507,9 +594,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--nuts-draws", type=int, default=None)
     p.add_argument("--max-tree-depth", type=int, default=None, help="NUTS (default 10; quick 6)")
+    p.add_argument("--lr", type=float, default=LR, help=f"initial learning rate ({LR:g})")
+    p.add_argument(
+        "--lr-final",
+        type=float,
+        default=None,
+        help=f"learning rate reached at --steps, geometric decay (default {LR_FINAL:g} "
+        "for the default --lr, else --lr / 10; equal to --lr: constant)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        nargs="+",
+        default=None,
+        metavar="LR[:LR_FINAL]",
+        help="train each guide once per schedule and keep the one with the best ELBO on "
+        "fresh draws (replaces --lr/--lr-final)",
+    )
+    p.add_argument("--select-draws", type=int, default=2000, help="draws for --lr-grid's ELBO")
+    p.add_argument(
+        "--save-draws", type=int, default=2000, help="draws per guide kept in <out>_draws.npz"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (full run default: results/)")
     args = p.parse_args(argv)
+    try:
+        if args.lr_grid:
+            args.schedules = [Schedule.parse(text) for text in args.lr_grid]
+        else:
+            final = args.lr_final
+            if final is None:
+                final = LR_FINAL if args.lr == LR else args.lr / 10
+            args.schedules = [Schedule(args.lr, final)]
+    except ValueError as err:
+        p.error(str(err))
+    if len(set(args.schedules)) != len(args.schedules):
+        p.error(f"--lr-grid repeats a schedule: {args.lr_grid}")
+    if args.save_draws < 0 or args.select_draws < 2:
+        p.error("--save-draws must be >= 0 and --select-draws >= 2")
     quick = args.quick
     args.models = args.models or (
         ["funnel", "eight_schools_centered"] if quick else list(models.MODELS)
@@ -538,32 +659,86 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def train_best(
+    spec: models.PosteriorModel,
+    factory: Callable,
+    args: argparse.Namespace,
+    snapshot: Callable[[Any], dict],
+    budget_s: float | None,
+    max_steps: int | None,
+) -> tuple[Any, dict[str, dict]]:
+    """:func:`train` once per schedule of ``args.schedules``; per column, the best run.
+
+    "Best" is the highest ``selection_elbo`` (fresh draws, no reference). Each column's row
+    lists every schedule's selection ELBO under ``"grid"``.
+    """
+    if len(args.schedules) == 1:
+        return train(spec, factory, args.seed, args.steps, snapshot, budget_s, max_steps)
+    runs = []
+    for schedule in args.schedules:
+        guide, rows = train(
+            spec, factory, args.seed, args.steps, snapshot, budget_s, max_steps, schedule
+        )
+        rows["equal_steps"].setdefault("guide", guide)
+        runs.append(rows)
+
+    def score(row: dict) -> float:
+        got = row.get("metrics", {}).get("selection_elbo")
+        return -math.inf if got is None else got
+
+    best: dict[str, dict] = {}
+    for col in runs[0]:
+        grid = [
+            {
+                "schedule": r[col]["train"]["schedule"],
+                "selection_elbo": r[col].get("metrics", {}).get("selection_elbo"),
+                "final_loss_mean100": r[col]["train"]["final_loss_mean100"],
+            }
+            for r in runs
+        ]
+        best[col] = {**max((r[col] for r in runs), key=score), "grid": grid}
+    return best["equal_steps"]["guide"], best
+
+
 def run_model(spec: models.PosteriorModel, ref: Reference, args: argparse.Namespace) -> dict:
-    """Every guide on one model: both columns, then (optionally) NeuTra-HMC."""
+    """Every guide on one model: both columns, then (optionally) NeuTra-HMC.
+
+    The result's ``"_draws"`` (taken out before the JSON is written) holds each guide's
+    first ``args.save_draws`` metric draws at equal steps.
+    """
     factories = guide_factories()
     out: dict[str, dict] = {}
     at_steps: dict[str, Any] = {}  # each guide as it was after --steps steps (for NeuTra)
+    kept_draws: dict[str, np.ndarray] = {}
     order = [args.time_ref] + [g for g in args.guides if g != args.time_ref]
     budget = None
 
     def snapshot(guide: Any) -> dict:
-        return evaluate(spec, guide, ref, args.draws)
+        got = evaluate(spec, guide, ref, args.draws)
+        if len(args.schedules) > 1:
+            got["selection_elbo"] = selection_elbo(spec, guide, args.select_draws)
+        return got
 
     for name in order:
         cap = None if budget is None else 20 * args.steps
-        guide, rows = train(spec, factories[name], args.seed, args.steps, snapshot, budget, cap)
+        guide, rows = train_best(spec, factories[name], args, snapshot, budget, cap)
+        for col, row in rows.items():  # the metric draws leave the JSON here
+            draws = row.get("metrics", {}).pop("_draws", None)
+            if col == "equal_steps" and draws is not None and args.save_draws:
+                kept_draws[name] = draws[: args.save_draws].astype(np.float32)
+        kept = rows["equal_steps"].pop("guide", guide)
         if name == args.time_ref and not args.no_equal_time:
             budget = rows["equal_steps"]["train"]["cpu_s"]
             rows["equal_time"] = {**rows["equal_steps"], "note": "the time reference itself"}
         if "equal_time" in rows:
             rows["equal_time"]["budget_s"] = budget
-        kept = rows["equal_steps"].pop("guide", guide)
         if rows["equal_steps"]["train"]["error"] is None:
             at_steps[name] = kept
         out[name] = rows
         t = rows["equal_steps"]["train"]
         print(f"  {name}: {t['steps']} steps, {t['cpu_s']:.1f} s", flush=True)
     result = {"guides": out, "time_budget_s": budget, "time_ref": args.time_ref}
+    result["_draws"] = kept_draws
     if args.neutra and spec.name in args.neutra_models:
         result["neutra"] = run_neutra(spec, ref, at_steps, args)
     return result
@@ -602,6 +777,22 @@ def git_state() -> dict[str, Any]:
     }
 
 
+def draws_path(out: str | Path) -> Path:
+    """The side file of a result JSON: ``posteriors_cpu.json -> posteriors_cpu_draws.npz``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_draws.npz")
+
+
+def write_draws(saved: dict[str, np.ndarray], out: str | Path) -> Path | None:
+    """Write the kept guide draws next to ``out`` (float32, compressed); nothing if none."""
+    if not saved:
+        return None
+    path = draws_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **saved)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -613,7 +804,16 @@ def main(argv: list[str] | None = None) -> dict:
             ["python examples/benchmarks/bench_posteriors.py", *(argv or sys.argv[1:])]
         ),
         "settings": {
-            "optimizer": f"Adam(lr={LR})",
+            "optimizer": f"ClippedAdam(clip_norm={CLIP:g}, elementwise)",
+            "lr_schedule": [s.label for s in args.schedules],
+            "lr_schedule_rule": "geometric decay from lr to lr_final over the steps, then "
+            "held at lr_final"
+            + (
+                "; per guide and column, the schedule with the highest ELBO on "
+                f"{args.select_draws} fresh draws (not the reference)"
+                if len(args.schedules) > 1
+                else ""
+            ),
             "particles": PARTICLES,
             "vectorize_particles": True,
             "steps": args.steps,
@@ -624,6 +824,8 @@ def main(argv: list[str] | None = None) -> dict:
             "equal_time": not args.no_equal_time,
             "metric_backend": pm.backend_name(),
             "eval_mode": True,
+            "draws_file": draws_path(args.out).name if args.out and args.save_draws else None,
+            "saved_draws": args.save_draws,
             "log_q": "exact: guide draws scored via the transform cache, i-ResNet blocks "
             "switched to logdet='exact', checked against an autograd Jacobian",
             "neutra": {
@@ -640,6 +842,7 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {},
     }
     tables = []
+    saved_draws: dict[str, np.ndarray] = {}
     for name in args.models:
         spec = models.MODELS[name]()
         try:
@@ -650,6 +853,10 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"{name} ({spec.description})", flush=True)
         res = run_model(spec, ref, args)
+        kept = res.pop("_draws")
+        if kept:
+            saved_draws[f"{name}/names"] = np.array(spec.names)
+            saved_draws.update({f"{name}/{guide}": x for guide, x in kept.items()})
         res["description"] = spec.description
         res["reference"] = {
             k: ref.meta.get(k) for k in ("method", "log_z", "min_bulk_ess", "max_rhat")
@@ -662,6 +869,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\n" + "\n\n".join(mine) + "\n", flush=True)
         if args.out:  # a long run keeps what it has measured so far
             write_json({**results, "partial": True}, args.out)
+            write_draws(saved_draws, args.out)
     results["wall_s"] = time.perf_counter() - started
     if len(args.models) > 1:
         print("\n\n".join(tables))

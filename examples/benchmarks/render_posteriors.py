@@ -44,7 +44,7 @@ def render(data: dict, json_name: str) -> str:
     git = data.get("git", {})
     shown = ", ".join(
         f"{k} {settings[k]}"
-        for k in ("optimizer", "particles", "steps", "draws", "seed")
+        for k in ("optimizer", "lr_schedule", "particles", "steps", "draws", "seed")
         if k in settings
     )
     partial = (
