@@ -131,6 +131,16 @@ def test_neutra_and_plain_nuts_report_ess_and_counted_gradients():
         assert r["ess_per_grad"] == pytest.approx(r["min_bulk_ess"] / r["grad_evals"])
 
 
+def test_no_nuts_runs_neutra_only():
+    results = bp.main(
+        ["--quick", "--models", "funnel", "--guides", "iaf", "--steps", "3", "--draws", "100"]
+        + ["--no-equal-time", "--neutra", "--no-nuts", "--warmup", "4", "--nuts-draws", "4"]
+        + ["--max-tree-depth", "2"]
+    )
+    assert set(results["models"]["funnel"]["neutra"]) == {"neutra-iaf"}
+    assert results["settings"]["neutra"]["plain_nuts"] is False
+
+
 def test_exact_scoring_switches_and_restores_the_estimator():
     from pyro_invres.flows import residual_flow
 

@@ -92,3 +92,21 @@ def test_a_run_without_saved_draws_is_refused(tmp_path):
     run.write_text(json.dumps({"settings": {"draws_file": None}, "models": {}}))
     with pytest.raises(SystemExit):
         pp.main(["--json", str(run), "--out-dir", str(tmp_path)])
+
+
+def _neutra_run(guide: str, rows: list[str], chains: int = 4) -> dict:
+    return {
+        "settings": {"steps": 5, "neutra": {"chains": chains, "warmup": 3, "draws": 3}},
+        "models": {"m": {"guides": {guide: {}}, "neutra": {r: {"ok": r} for r in rows}}},
+    }
+
+
+def test_merge_joins_neutra_rows_of_a_run_without_plain_nuts():
+    runs = [_neutra_run("iaf", ["nuts", "neutra-iaf"]), _neutra_run("residual", ["neutra-r"])]
+    merged = mp.merge(runs[::-1])
+    assert list(merged["models"]["m"]["neutra"]) == ["nuts", "neutra-r", "neutra-iaf"]
+    assert "neutra" not in mp.merge(runs, drop_neutra=True)["models"]["m"]
+    with pytest.raises(ValueError, match="neutra"):  # different chains do not compare
+        mp.merge([runs[0], _neutra_run("residual", ["neutra-r"], chains=2)])
+    with pytest.raises(ValueError, match="two runs"):
+        mp.merge([runs[0], _neutra_run("residual", ["neutra-iaf"])])

@@ -590,6 +590,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--neutra", action="store_true", help="NeuTra-HMC and plain NUTS too")
     p.add_argument("--neutra-models", nargs="+", default=["funnel", "eight_schools_centered"])
     p.add_argument("--neutra-guides", nargs="+", default=None, help="default: every flow guide")
+    p.add_argument(
+        "--no-nuts",
+        action="store_true",
+        help="NeuTra only, no plain NUTS (another run with the same settings has it; "
+        "merge_posteriors.py joins them)",
+    )
     p.add_argument("--chains", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--nuts-draws", type=int, default=None)
@@ -749,8 +755,10 @@ def run_neutra(
 ) -> dict:
     wanted = args.neutra_guides or [n for n, g in trained.items() if is_flow(g)]
     nuts_args = (args.chains, args.warmup, args.nuts_draws, args.seed, ref, args.max_tree_depth)
-    rows = {"nuts": run_nuts(spec, None, *nuts_args)}
-    print(f"  nuts: {rows['nuts']['cpu_s']:.0f} s", flush=True)
+    rows = {}
+    if not args.no_nuts:
+        rows["nuts"] = run_nuts(spec, None, *nuts_args)
+        print(f"  nuts: {rows['nuts']['cpu_s']:.0f} s", flush=True)
     for name in wanted:
         if name not in trained:
             rows[f"neutra-{name}"] = {"error": "guide not trained (failed or not selected)"}
@@ -833,6 +841,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "warmup": args.warmup,
                 "draws": args.nuts_draws,
                 "max_tree_depth": args.max_tree_depth,
+                "plain_nuts": not args.no_nuts,
             }
             if args.neutra
             else None,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 #: settings that must agree for two runs' metrics to sit in one table
+#: (the NeuTra rows of runs made with --no-nuts join a run that has plain NUTS)
 SAME = (
     "optimizer",
     "lr_schedule",
@@ -47,7 +48,13 @@ SAME = (
 )
 
 
-def merge(runs: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+#: NeuTra settings that must agree where two runs both ran NUTS
+NEUTRA_SAME = ("chains", "warmup", "draws", "max_tree_depth")
+
+
+def merge(
+    runs: list[dict[str, Any]], names: list[str] | None = None, drop_neutra: bool = False
+) -> dict[str, Any]:
     """One result dict with every run's guides per model (see the module docstring)."""
     if not runs:
         raise ValueError("nothing to merge")
@@ -56,6 +63,9 @@ def merge(runs: list[dict[str, Any]], names: list[str] | None = None) -> dict[st
     for name, run in zip(names[1:], runs[1:]):
         settings = run.get("settings", {})
         differ = [k for k in SAME if settings.get(k) != first.get(k)]
+        mcmc = [settings.get("neutra"), first.get("neutra")]
+        if all(mcmc) and any(mcmc[0].get(k) != mcmc[1].get(k) for k in NEUTRA_SAME):
+            differ.append("neutra")
         if differ:
             raise ValueError(f"{name}: settings differ from {names[0]}'s: {differ}")
     out = copy.deepcopy(runs[0])
@@ -84,10 +94,18 @@ def merge(runs: list[dict[str, Any]], names: list[str] | None = None) -> dict[st
             if both:
                 raise ValueError(f"{name}: guides {sorted(both)} on {model} are in two runs")
             have["guides"].update(copy.deepcopy(res["guides"]))
+            both = set(have.get("neutra", {})) & set(res.get("neutra", {}))
+            if both:
+                raise ValueError(f"{name}: NeuTra rows {sorted(both)} on {model} are in two runs")
             if "neutra" in res:
-                if "neutra" in have:
-                    raise ValueError(f"{name}: NeuTra results on {model} are in two runs")
-                have["neutra"] = copy.deepcopy(res["neutra"])
+                have.setdefault("neutra", {}).update(copy.deepcopy(res["neutra"]))
+    neutra = next((r["settings"]["neutra"] for r in runs if r["settings"].get("neutra")), None)
+    out["settings"]["neutra"] = None if drop_neutra else neutra
+    for res in out["models"].values():
+        if drop_neutra:
+            res.pop("neutra", None)
+        elif "nuts" in res.get("neutra", {}):  # plain NUTS first, as bench_posteriors writes
+            res["neutra"] = {"nuts": res["neutra"].pop("nuts"), **res["neutra"]}
     return out
 
 
@@ -107,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="result JSON files of bench_posteriors.py")
     p.add_argument("--out", required=True, help="merged JSON (its draws go next to it)")
+    p.add_argument("--drop-neutra", action="store_true", help="variational results only")
     args = p.parse_args(argv)
     paths = [Path(r) for r in args.runs]
     try:
-        data = merge([json.loads(path.read_text()) for path in paths], [str(x) for x in paths])
+        runs = [json.loads(path.read_text()) for path in paths]
+        data = merge(runs, [str(x) for x in paths], args.drop_neutra)
         out = Path(args.out)
         sides = [x.with_name(x.stem + "_draws.npz") for x in paths]
         draws = merge_draws([x for x in sides if x.exists()])
