@@ -1,0 +1,101 @@
+"""examples/benchmarks/bench_images.py runs end to end and writes what it promises."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("normflows")
+pytest.importorskip("sklearn")
+BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_images as bi  # noqa: E402
+
+KEYS = {
+    "parameters",
+    "test_bpd",
+    "test_bpd_stderr",
+    "best_validation_bpd",
+    "best_at_steps",
+    "steps",
+    "train_cpu_s",
+    "cpu_s_per_step",
+    "validation_curve",
+    "peak_step_memory_bytes",
+    "sampling",
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check(saved: dict, models: list[str]) -> None:
+    result = saved["datasets"]["digits"]
+    assert set(result["models"]) == set(models)
+    assert result["budget_cpu_s_per_model"] == 1.0
+    for name, m in result["models"].items():
+        assert KEYS <= set(m), name
+        assert m["steps"] >= 1 and m["parameters"] > 0
+        # the budget is spent in slices of CPU time; a step may overrun its last slice
+        assert 1.0 <= m["train_cpu_s"] < 1.0 + 10 * m["cpu_s_per_step"] + 0.5
+        curve = m["validation_curve"]
+        assert len(curve) >= 2 and all(math.isfinite(p["val_bpd"]) for p in curve)
+        # the reported best is the minimum of the curve, and the test score is near it
+        assert m["best_validation_bpd"] == min(p["val_bpd"] for p in curve)
+        assert 0.0 < m["test_bpd"] < math.log2(17) + 1.0
+        assert m["peak_step_memory_bytes"] > 0 and m["sampling"]["samples_per_cpu_s"] > 0
+
+
+def test_quick_run_writes_json_and_figures(tmp_path):
+    out, figs = tmp_path / "images.json", tmp_path / "figs"
+    models = ["residual_flow", "nf_residual", "pyro_coupling"]  # ours, normflows, flat
+    argv = ["--quick", "--datasets", "digits", "--models", *models, "--out", str(out)]
+    bi.main(argv + ["--figures", str(figs)])
+    saved = json.loads(out.read_text())
+    _check(saved, models)
+    stated = saved["datasets"]["digits"]["figures"]
+    # x -> z -> x through the exact inverses: the residual block's fixed point to its tolerance
+    for name, err in stated["reconstruction_max_abs_error"].items():
+        assert err < 1e-3, name
+    for kind in ("samples", "reconstructions", "interpolation", "validation"):
+        png = figs / f"images_digits_{kind}.png"
+        assert png.stat().st_size < 150_000
+    text = bi.render(saved)
+    assert "| Residual flow (`residual_flow` preset) |" in text and "CPU ms/step" in text
+
+
+@pytest.mark.slow
+def test_quick_run_every_model(tmp_path):
+    out = tmp_path / "images.json"
+    bi.main(["--quick", "--datasets", "digits", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    _check(saved, list(bi.MODELS))
+    assert "target" in bi.target_sentence(saved["datasets"]["digits"])
+
+
+def test_cuda_asked_for_without_cuda_fails_loudly():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit, match="cuda"):
+        bi.main(["--quick", "--device", "cuda", "--datasets", "digits"])
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(SystemExit):
+        bi.main(["--quick", "--datasets", "cifar"])
+
+
+def test_split_prior_flow_inverts():
+    torch.manual_seed(0)
+    flow = bi.residual_flow_with_prior((1, 8, 8), 1, 8, explicit="forward")
+    z = torch.randn(5, *bi.base_shape(flow, (1, 8, 8)))
+    x = flow(z)
+    assert torch.allclose(flow.inv(x), z, atol=1e-4)
