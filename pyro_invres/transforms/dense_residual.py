@@ -1,0 +1,141 @@
+"""A one-hidden-layer residual block with an exact, cheap log-det for small vector events.
+
+.. math::
+
+    y = x + g(x), \\qquad g(x) = \\hat W_2 \\tanh(\\hat W_1 x + b_1) + b_2, \\qquad
+    \\hat W_k = W_k / \\max\\bigl(1, \\|W_k\\|_2 / c_k\\bigr), \\quad c_1 c_2 = c < 1,
+
+    J(x) = I + \\hat W_2\\, \\mathrm{diag}\\bigl(\\tanh'(\\hat W_1 x + b_1)\\bigr)\\, \\hat W_1,
+    \\qquad \\log|\\det J(x)| = \\log\\det J(x) \\;\\text{(one } D \\times D
+    \\text{ LU per sample)}.
+
+The i-ResNet block of Behrmann et al. (2019) with the shallowest branch: ``Lip(g) <= c``
+makes it invertible, and with one hidden layer the Jacobian is a product of two small
+matrices and a diagonal, so at the ``D`` of a posterior (tens of latents) the exact log-det
+is one batched ``D x D`` determinant instead of ``D`` forward-mode passes or a power series.
+The spectral norms ``||W_k||_2`` are computed exactly (singular values of an ``H x D``
+matrix): no power-iteration state to refresh or to go stale, so the bound holds at every
+step, in either module mode. Sampling (``x -> y``) is explicit; the inverse (points the
+flow did not draw) is Newton's method on ``x + g(x) = y``, whose Jacobian is never
+singular (its singular values lie in ``[1 - c, 1 + c]``).
+
+References:
+    [1] Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen, *Invertible Residual Networks*,
+        ICML 2019. arXiv:1811.00995
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import InvertibleModule
+
+__all__ = ["DenseResidual", "dense_residual"]
+
+
+class DenseResidual(InvertibleModule):
+    """``y = x + W2 tanh(W1 x + b1) + b2`` with ``Lip <= c``, exact log-det, explicit forward.
+
+    Arguments:
+        input_dim: ``D``.
+        hidden_dim: ``H``, the branch's hidden units.
+        lipschitz: ``c`` in ``(0, 1)``, the bound on ``Lip(g)`` (split as ``1 * c``).
+        atol: the inverse's tolerance on ``|x + g(x) - y|`` (max over entries; default
+            ``eps ** 0.75`` of the input's dtype: about ``7e-6`` in float32, ``2e-12`` in
+            float64, which Newton's quadratic convergence reaches in a few steps).
+        max_iter: the inverse's Newton steps at most.
+        cache_size: 0 or 1.
+
+    Example:
+        >>> block = dense_residual(3, 8, lipschitz=0.5)
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> block = block.double()
+        >>> y = block(x)
+        >>> torch.allclose(block.inverse(y.clone(), cached=False), x, atol=1e-10)
+        True
+    """
+
+    sign = +1
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        lipschitz: float = 0.9,
+        *,
+        atol: float | None = None,
+        max_iter: int = 50,
+        cache_size: int = 1,
+    ) -> None:
+        dim, hidden = int(input_dim), int(hidden_dim)
+        if dim < 1 or hidden < 1:
+            raise ValueError(f"input_dim and hidden_dim must be >= 1, got {dim}, {hidden}")
+        if not (0 < lipschitz < 1):
+            raise ValueError(f"lipschitz must be in (0, 1), got {lipschitz}")
+        super().__init__((dim,), cache_size=cache_size)
+        self.lipschitz = float(lipschitz)
+        self.atol = None if atol is None else float(atol)
+        self.max_iter = int(max_iter)
+        self.w1 = nn.Parameter(torch.empty(hidden, dim))
+        nn.init.orthogonal_(self.w1)
+        self.b1 = nn.Parameter(torch.zeros(hidden))
+        # the output layer starts small, so the block starts near the identity
+        self.w2 = nn.Parameter(0.01 * torch.randn(dim, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(dim))
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= c``."""
+        # both norms from one batched SVD (W2 and W2^T share their singular values)
+        sigma = torch.linalg.matrix_norm(torch.stack([self.w1, self.w2.T]), ord=2)
+        cap = torch.clamp(sigma / sigma.new_tensor([1.0, self.lipschitz]), min=1.0)
+        return self.w1 / cap[0], self.w2 / cap[1]
+
+    def _branch(self, x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+        """``g(x)`` and ``tanh'`` at the hidden pre-activation."""
+        a = torch.tanh(torch.nn.functional.linear(x, w1, self.b1))
+        return torch.nn.functional.linear(a, w2, self.b2), 1 - a * a
+
+    def _jacobian(self, slope: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        eye = torch.eye(w1.shape[1], dtype=w1.dtype, device=w1.device)
+        return eye + (w2 * slope.unsqueeze(-2)) @ w1
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        w1, w2 = self.weights()
+        g, slope = self._branch(x, w1, w2)
+        # det J > 0: every eigenvalue of I + (contraction) has a positive real part
+        return x + g, lambda: torch.linalg.slogdet(self._jacobian(slope, w1, w2))[1]
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        w1, w2 = self.weights()
+        x = y - self._branch(y, w1, w2)[0]  # one fixed-point step as the start
+        atol = torch.finfo(y.dtype).eps ** 0.75 if self.atol is None else self.atol
+        for _ in range(self.max_iter):
+            g, slope = self._branch(x, w1, w2)
+            res = x + g - y
+            if float(res.detach().abs().max()) <= atol:
+                break
+            step = torch.linalg.solve(self._jacobian(slope, w1, w2), res.unsqueeze(-1))
+            x = x - step.squeeze(-1)
+        else:
+            raise RuntimeError(
+                f"DenseResidual inverse did not reach atol={atol:g} in {self.max_iter} steps"
+            )
+        _, slope = self._branch(x, w1, w2)
+        return x, torch.linalg.slogdet(self._jacobian(slope, w1, w2))[1]
+
+    def extra_repr(self) -> str:
+        hidden, dim = self.w1.shape
+        return f"input_dim={dim}, hidden_dim={hidden}, lipschitz={self.lipschitz}"
+
+
+def dense_residual(input_dim: int, hidden_dim: int, lipschitz: float = 0.9) -> DenseResidual:
+    """Build a :class:`DenseResidual` block (near the identity at initialisation).
+
+    Example:
+        >>> dense_residual(4, 16).w1.shape
+        torch.Size([16, 4])
+    """
+    return DenseResidual(input_dim, hidden_dim, lipschitz)
