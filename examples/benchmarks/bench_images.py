@@ -674,8 +674,9 @@ def make_figures(
         for a, b in pairs:
             z, _ = to_logit(data.test[[a, b]].to(model.device))
             u = model.encode(z)
-            path = (1 - t[:, None]) * u[:1] + t[:, None] * u[1:]
-            rows.append((f"{name} {a}->{b}", from_logit(model.decode(path.to(u)))))
+            tt = t.to(u)[:, None]
+            path = (1 - tt) * u[:1] + tt * u[1:]
+            rows.append((f"{name} {a}->{b}", from_logit(model.decode(path))))
         model.train_mode()
     if rows:
         figure(rows, figdir / f"images_{dataset}_interpolation.png")
@@ -764,6 +765,18 @@ def render(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+BEGIN, END = "<!-- bench_images tables: begin -->", "<!-- bench_images tables: end -->"
+
+
+def render_into(doc: Path, text: str) -> None:
+    """Replace what lies between the two markers of ``doc`` by ``text``."""
+    page = doc.read_text()
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} markers")
+    head, rest = page.split(BEGIN, 1)
+    doc.write_text(head + BEGIN + "\n\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One results document from runs of separate data sets (each keeps its command)."""
     out: dict[str, Any] = {"benchmark": "bench_images", "runs": [], "datasets": {}}
@@ -787,6 +800,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
     parser.add_argument("--figures", default=None, help="write the PNGs into this folder")
     parser.add_argument("--render", default=None, help="print the tables of a results JSON")
     parser.add_argument(
+        "--into", default=None, help="with --render: replace the tables between the markers here"
+    )
+    parser.add_argument(
         "--merge", nargs="+", default=None, help="combine the data sets of results JSONs into --out"
     )
     args = parser.parse_args(argv)
@@ -804,7 +820,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
         text = render(json.loads(Path(args.render).read_text()))
-        print(text)
+        if args.into:
+            render_into(Path(args.into), text)
+        else:
+            print(text)
         return {}
     if args.merge:
         merged = merge([json.loads(Path(p).read_text()) for p in args.merge])
