@@ -38,6 +38,15 @@ Every guide's log q is exact (the i-ResNet blocks score with the exact log-det).
 """
 
 
+def _run_line(part: dict) -> str:
+    """One bullet for a run that a merged result came from."""
+    git = part.get("git") or {}
+    local = ", pyro_invres with local changes" if git.get("pyro_invres_modified") else ""
+    load = ", ".join(f"{x:.1f}" for x in part.get("loadavg_at_start") or [])
+    commit = str(git.get("commit"))[:10]
+    return f"* `{part.get('command')}` ({part.get('date')}, commit `{commit}`{local}, load {load})"
+
+
 def render(data: dict, json_name: str) -> str:
     settings = data.get("settings", {})
     env = data.get("env", {})
@@ -66,6 +75,13 @@ def render(data: dict, json_name: str) -> str:
         time_ref=settings.get("time_ref", "?"),
     )
     parts = [text]
+    if data.get("merged_from"):  # split by guide, joined by merge_posteriors.py
+        runs = "\n".join(_run_line(m) for m in data["merged_from"])
+        parts.append(
+            "The tables join runs made apart by `merge_posteriors.py` (same settings, "
+            "different guides); times come from different moments of a shared machine, so "
+            f"compare times within one run only:\n\n{runs}"
+        )
     for name, res in data.get("models", {}).items():
         if "guides" not in res:  # skipped (e.g. no reference yet): say so
             why = res.get("skipped") or res.get("error") or "no results"
@@ -102,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             name = str(path)
         text = render(data, name)
         if k:  # later runs become sections of the first page
-            text = text.replace("# Variational posteriors: measured", "## A further run", 1)
+            title = "## A further run"
+            if "lr_schedule" not in data.get("settings", {}):
+                title += " (earlier: constant Adam rate, before the decaying schedule)"
+            text = text.replace("# Variational posteriors: measured", title, 1)
             text = text.replace("\n## ", "\n### ").replace("### A further run", "## A further run")
         pages.append(text)
     Path(args.doc).write_text("\n".join(pages))
