@@ -69,6 +69,11 @@ Usage (from the repository root)::
     python examples/benchmarks/bench_posteriors.py --neutra --models funnel \
         eight_schools_centered --out examples/benchmarks/results/posteriors_neutra_cpu.json
 
+A run split by guide (``--guides``, e.g. Pyro's guides while the project's own is still
+changing; ``--no-nuts`` leaves plain NUTS to the other part) is joined by
+``merge_posteriors.py``; ``plot_posteriors.py`` draws the figures from the saved draws and
+``render_posteriors.py`` writes ``docs/posterior_results.md``.
+
 ``--quick`` (CI's smoke test): two models, 100 steps, 1000 draws, a 2 s equal-time budget
 and, with ``--neutra``, 2 chains of 30 + 30; it writes JSON only where ``--out`` says.
 """
