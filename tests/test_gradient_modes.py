@@ -88,7 +88,9 @@ def test_neumann_graph_does_not_grow_with_the_number_of_terms():
             ld = b.log_abs_det_jacobian(x, b(x))
             sizes[mode, terms] = graph_size(ld)
     assert sizes["neumann", 20] == sizes["neumann", 2]
-    assert sizes["backprop", 20] > 5 * sizes["backprop", 2]
+    # backprop keeps every term's products (a few nodes each, now that they are explicit
+    # products of the kept weights and slopes rather than autograd double-backward nodes)
+    assert sizes["backprop", 20] > 3 * sizes["backprop", 2]
 
 
 def test_forward_mode_keeps_no_logdet_graph():

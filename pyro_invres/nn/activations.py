@@ -30,6 +30,8 @@ __all__ = [
     "LipSine",
     "make_activation",
     "expansion",
+    "forward_with_slope",
+    "slope_vjp",
     "ACTIVATIONS",
 ]
 
@@ -80,10 +82,15 @@ class LipSwish(nn.Module):
 
             \\phi'(x) = \\frac{s + \\beta x\\, s (1 - s)}{1.1}, \\qquad s = \\sigma(\\beta x)
         """
+        y, slope = self.forward_with_slope(x)
+        return y, slope.unsqueeze(-2) * tangents
+
+    def forward_with_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), phi'(x))``; ``phi(x)`` computed exactly as :meth:`forward` does."""
         beta = F.softplus(self.raw_beta)
-        s = torch.sigmoid(beta * x)
-        slope = (s + beta * x * s * (1 - s)) / 1.1
-        return x * s / 1.1, slope.unsqueeze(-2) * tangents
+        bx = beta * x
+        s = torch.sigmoid(bx)
+        return x * s / 1.1, (s + bx * s * (1 - s)) / 1.1
 
 
 class LipELU(nn.ELU):
@@ -100,8 +107,13 @@ class LipELU(nn.ELU):
 
     def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
         """``(elu(x), tangents diag(elu'(x)))``: ``elu'(x) = 1`` for ``x > 0``, else ``e^x``."""
+        y, slope = self.forward_with_slope(x)
+        return y, slope.unsqueeze(-2) * tangents
+
+    def forward_with_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(elu(x), elu'(x))``."""
         slope = torch.where(x > 0, torch.ones_like(x), torch.exp(torch.clamp(x, max=0.0)))
-        return F.elu(x), slope.unsqueeze(-2) * tangents
+        return F.elu(x), slope
 
 
 class LipReLU(nn.ReLU):
@@ -118,8 +130,12 @@ class LipReLU(nn.ReLU):
 
     def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
         """``(relu(x), tangents diag(relu'(x)))`` with ``relu'(0) = 0`` (autograd's choice)."""
-        slope = (x > 0).to(x.dtype)
-        return F.relu(x), slope.unsqueeze(-2) * tangents
+        y, slope = self.forward_with_slope(x)
+        return y, slope.unsqueeze(-2) * tangents
+
+    def forward_with_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(relu(x), relu'(x))`` with ``relu'(0) = 0``."""
+        return F.relu(x), (x > 0).to(x.dtype)
 
 
 class CLipSwish(nn.Module):
@@ -175,6 +191,17 @@ class CLipSwish(nn.Module):
         both_tangents = torch.cat([tangents, -tangents], dim=-1)
         return both * s / CLIPSWISH_GAIN, slope.unsqueeze(-2) * both_tangents
 
+    def forward_with_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(phi(x), a)`` for vectors, with ``a`` the slopes of both halves: the Jacobian
+        is ``[diag(a_1); -diag(a_2)]`` (see :func:`slope_vjp`)."""
+        if self.dim not in (-1, x.dim() - 1):
+            raise ValueError("CLipSwish.forward_with_slope takes vectors (dim=-1) only")
+        beta = F.softplus(self.raw_beta)
+        both = torch.cat([x, -x], dim=-1)
+        bx = beta * both
+        s = torch.sigmoid(bx)
+        return both * s / CLIPSWISH_GAIN, (s + bx * s * (1 - s)) / CLIPSWISH_GAIN
+
 
 class LipSine(nn.Module):
     """``sin(omega * x) / omega`` with a learnable frequency ``omega > 0``.
@@ -213,9 +240,14 @@ class LipSine(nn.Module):
 
     def forward_with_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
         """``(phi(x), tangents diag(cos(omega x)))``, tangents ``x.shape[:-1] + (k, n)``."""
+        y, slope = self.forward_with_slope(x)
+        return y, slope.unsqueeze(-2) * tangents
+
+    def forward_with_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sin(omega x) / omega, cos(omega x))``."""
         omega = F.softplus(self.raw_omega)
         wx = omega * x
-        return torch.sin(wx) / omega, torch.cos(wx).unsqueeze(-2) * tangents
+        return torch.sin(wx) / omega, torch.cos(wx)
 
 
 #: The one activation vocabulary of the package: a name means the same function in an
@@ -258,6 +290,42 @@ def make_activation(name: str, **kwargs: object) -> nn.Module:
             f"it takes {sorted(accepted) or 'none'}"
         )
     return cls(**options)
+
+
+def forward_with_slope(activation: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(phi(x), slopes)`` of an activation of :data:`ACTIVATIONS` on vectors.
+
+    The slopes define the activation's Jacobian for :func:`slope_vjp`: ``diag(phi'(x))``,
+    or for CLipSwish (``expansion = 2``) the two stacked diagonals.
+
+    Example:
+        >>> import torch
+        >>> y, slope = forward_with_slope(LipSine(omega=2.0), torch.zeros(3))
+        >>> slope
+        tensor([1., 1., 1.], grad_fn=<CosBackward0>)
+    """
+    return activation.forward_with_slope(x)
+
+
+def slope_vjp(u: Tensor, slope: Tensor, expansion: int = 1) -> Tensor:
+    """``u^T J_phi`` for the Jacobian ``J_phi`` that ``slope`` describes.
+
+    .. math::
+
+        u^\\top \\mathrm{diag}(a) = u \\odot a, \\qquad
+        [u_1, u_2]^\\top \\begin{bmatrix} \\mathrm{diag}(a_1) \\\\ -\\mathrm{diag}(a_2)
+        \\end{bmatrix} = u_1 \\odot a_1 - u_2 \\odot a_2
+
+    Example:
+        >>> import torch
+        >>> slope_vjp(torch.ones(1, 4), torch.tensor([[1.0, 2.0, 3.0, 4.0]]), expansion=2)
+        tensor([[-2., -2.]])
+    """
+    us = u * slope
+    if expansion == 1:
+        return us
+    n = us.shape[-1] // 2
+    return us[..., :n] - us[..., n:]
 
 
 def expansion(activation: nn.Module) -> int:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .activations import expansion, make_activation
 from .conditioners import _check_context
+from .linearization import Linearization, can_linearize, linearize_sequential
 from .spectral import spectral_norm
 
 __all__ = ["LipschitzMLP", "ConditionalLipschitzMLP", "SPLITS"]
@@ -188,6 +189,30 @@ class LipschitzMLP(nn.Module):
         """
         h, tangents = _forward_with_tangents(self.net, x, self.gains())
         return h, tangents.transpose(-1, -2)
+
+    def linearize(self, x: Tensor) -> tuple[Tensor, Linearization]:
+        """``g(x)`` and its Jacobian at ``x`` kept as explicit factors.
+
+        The output is the same tensor :meth:`forward` computes; the
+        :class:`~pyro_invres.nn.linearization.Linearization` then gives vector-Jacobian
+        products ``u^T J_g(x)`` as ``L`` matrix products, without autograd, or
+        differentiably (one plain backward, no double backward). The i-ResNet block uses
+        it for the Neumann-gradient log-det estimators.
+
+        Example:
+            >>> import torch
+            >>> g = LipschitzMLP(2, [8], lipschitz=0.9)
+            >>> x = torch.randn(3, 2)
+            >>> gx, lin = g.linearize(x)
+            >>> torch.equal(gx, g(x)), lin.vjp(torch.randn(4, 3, 2)).shape
+            (True, torch.Size([4, 3, 2]))
+        """
+        return linearize_sequential(self.net, x, self.gains())
+
+    def can_linearize(self) -> bool:
+        """Whether :meth:`linearize` covers this network (every activation has slopes and
+        no layer carries a forward hook, which :meth:`linearize` would bypass)."""
+        return can_linearize(self.net) and not (self._forward_hooks or self._forward_pre_hooks)
 
 
 def _forward_with_tangents(

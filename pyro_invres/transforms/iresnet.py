@@ -51,7 +51,6 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..nn.conditioners import ContextBound, _check_context
+from ..nn.linearization import Linearization
 from ..nn.lipschitz_cnn import LipschitzCNN
 from ..nn.lipschitz_mlp import ConditionalLipschitzMLP, LipschitzMLP
 from ..ops.fixed_point import (
@@ -93,8 +93,9 @@ from ..ops.logdet import (
 )
 from .base import InvertibleModule, LazyLadj, as_event_shape
 
-# what the forward pass keeps for the log-det: (z, g(z), dg/dz or None), z on the graph
-_Memo = tuple[Tensor, Tensor, "Tensor | None"]
+# what the forward pass keeps for the log-det: (z, g(z), dg/dz, or g linearised at z, or
+# None), z on the graph
+_Memo = tuple[Tensor, Tensor, "Tensor | Linearization | None"]
 
 __all__ = [
     "LEGACY_OPTIONS",
@@ -541,18 +542,13 @@ class InvertibleResidual(InvertibleModule):
             if jac is not None and method == "exact":
                 value = logdet_from_jacobian(jac)
             elif grad and method != "exact" and self._gradient == "forward" and self._may_store():
-                value = logdet_with_forward_gradient(
-                    partial(self._estimate, method=method, differentiable=True),
-                    zc,
-                    gz,
-                    list(self.parameters()),
-                    rebuild=lambda: self._graph_at(z.detach(), jacobian=False)[:2],
-                    seed=seed,
-                    event_dim=self.event_dim,
-                )
+                value = self._forward_gradient_logdet(z, memo, method, seed)
             else:
                 generator = torch.Generator(device=zc.device).manual_seed(seed)
-                value = self._estimate(zc, gz, generator, method=method, differentiable=grad)
+                lin = jac if isinstance(jac, Linearization) else None
+                value = self._estimate(
+                    zc, gz, generator, method=method, differentiable=grad, lin=lin
+                )
                 if grad and method != "exact" and self._gradient != "backprop":
                     # a Neumann gradient (the forward mode's fallback too) estimates the
                     # gradient; it is not the derivative of a differentiable value, so its
@@ -560,6 +556,33 @@ class InvertibleResidual(InvertibleModule):
                     # on its own)
                     value = _FirstDerivativeOnly.apply(value, self._no_second_derivative(method))
         return value if grad else value.detach()
+
+    def _forward_gradient_logdet(self, z: Tensor, memo: _Memo, method: str, seed: int) -> Tensor:
+        zc, gz, jac = memo
+        lin = jac if isinstance(jac, Linearization) else None
+        rebuilt: dict[str, Any] = {}
+
+        def rebuild() -> tuple[Tensor, Tensor]:
+            leaf, g_leaf, lin_leaf = self._graph_at(z.detach())
+            rebuilt.update(gx=g_leaf, lin=lin_leaf if isinstance(lin_leaf, Linearization) else None)
+            return leaf, g_leaf
+
+        def estimate(x: Tensor, gx: Tensor, generator: torch.Generator) -> Tensor:
+            # the kept factors of the g(x) being differentiated (the memo's, or a rebuilt one)
+            use = lin
+            if gx is not gz:
+                use = rebuilt.pop("lin", None) if rebuilt.get("gx") is gx else None
+            return self._estimate(x, gx, generator, method=method, differentiable=True, lin=use)
+
+        return logdet_with_forward_gradient(
+            estimate,
+            zc,
+            gz,
+            list(self.parameters()),
+            rebuild=rebuild,
+            seed=seed,
+            event_dim=self.event_dim,
+        )
 
     @property
     def _gradient(self) -> str:
@@ -598,7 +621,20 @@ class InvertibleResidual(InvertibleModule):
             # products, and torch.jit.trace can record it
             gz, jac = self.nn.forward_with_jacobian(zc)
             return zc, gz, jac
+        if jacobian and self._linearizes():
+            # the stochastic log-det's vector-Jacobian products as explicit matrix products
+            # of the kept weights and slopes: no autograd traversal per term, and the
+            # gradient is one plain backward instead of a double backward
+            gz, lin = self.nn.linearize(zc)
+            return zc, gz, lin
         return zc, self.nn(zc), None
+
+    def _linearizes(self) -> bool:
+        if self.event_dim != 1 or self.logdet_method == "exact":
+            return False
+        can = getattr(self.nn, "can_linearize", None)
+        # linearize bypasses Module.__call__: a hooked network keeps the path that calls it
+        return can is not None and can() and not _hooked(self.nn)
 
     def _carries_jacobian(self) -> bool:
         if not (self.logdet_method == "exact" and self.event_dim == 1):
@@ -623,13 +659,21 @@ class InvertibleResidual(InvertibleModule):
         *,
         method: str,
         differentiable: bool,
+        lin: Linearization | None = None,
     ) -> Tensor:
         if method == "exact":
             return logdet_exact(make_vjp(zc, gz, create_graph=differentiable), zc, self.event_dim)
         est = self._estimator
         backprop = differentiable and est.gradient == "backprop"
-        vjp = make_vjp(zc, gz, create_graph=backprop)
-        graph_vjp = make_vjp(zc, gz, create_graph=True) if differentiable and not backprop else None
+        if lin is not None:
+            # the same products, from the network's kept factors (no autograd traversal)
+            vjp = lin.graph_vjp if backprop else lin.vjp
+            graph_vjp = lin.graph_vjp if differentiable and not backprop else None
+        else:
+            vjp = make_vjp(zc, gz, create_graph=backprop)
+            graph_vjp = (
+                make_vjp(zc, gz, create_graph=True) if differentiable and not backprop else None
+            )
         options = {
             "n_probes": est.n_probes,
             "probe": est.probe,
