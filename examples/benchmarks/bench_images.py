@@ -743,9 +743,20 @@ def target_sentence(result: dict[str, Any]) -> str:
         if name in models:
             r = models[name]["test_bpd"]
             verdict = "met" if r <= g else "missed"
+            m, gm = models[name], models["glow"]
             out.append(
                 f"`{name}` {r:.3f} against Glow {g:.3f} bits/dim: target {verdict} "
-                f"({r - g:+.3f} bits/dim)."
+                f"({r - g:+.3f} bits/dim); a step cost "
+                f"{m['cpu_s_per_step'] / gm['cpu_s_per_step']:.1f}x Glow's CPU time "
+                f"({1e3 * m['cpu_s_per_step']:.0f} against {1e3 * gm['cpu_s_per_step']:.0f} ms), "
+                f"so it took {m['steps']} steps to Glow's {gm['steps']}."
+            )
+            # per step: Glow's validation point nearest the residual flow's best step count
+            near = min(gm["validation_curve"], key=lambda p: abs(p["steps"] - m["best_at_steps"]))
+            out.append(
+                f"Per step: at {m['best_at_steps']} steps its validation score was "
+                f"{m['best_validation_bpd']:.3f}, Glow's {near['val_bpd']:.3f} at "
+                f"{near['steps']} steps."
             )
     return " ".join(out)
 
