@@ -59,12 +59,13 @@ def _estimate(block, x, linearized):
 
 @pytest.mark.parametrize("gradient", ["neumann", "backprop", "forward"])
 @pytest.mark.parametrize("estimator", [Roulette, Series])
-def test_block_estimates_equal_the_autograd_path(gradient, estimator):
+@pytest.mark.parametrize("dim", [2, 5])
+def test_block_estimates_equal_the_autograd_path(gradient, estimator, dim):
     """Same probes and draws: the value and every gradient agree to rounding."""
     torch.manual_seed(0)
-    block = iresnet(5, [16, 16], explicit="inverse", logdet=estimator(gradient=gradient))
+    block = iresnet(dim, [16, 16], explicit="inverse", logdet=estimator(gradient=gradient))
     block = block.double()
-    x = torch.randn(7, 5, dtype=torch.float64)
+    x = torch.randn(7, dim, dtype=torch.float64)
     v_lin, g_lin = _estimate(block, x, True)
     v_ref, g_ref = _estimate(block, x, False)
     torch.testing.assert_close(v_lin, v_ref, rtol=1e-12, atol=1e-12)

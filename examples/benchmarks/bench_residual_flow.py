@@ -10,7 +10,9 @@ Training (density estimation, scoring data is the explicit pass on both sides):
   ``DiagGaussian``; ``Residual(reverse=True)`` applies ``x + g(x)`` to data in
   ``log_prob``/``forward_kld``, the same explicit side. A step is ``forward_kld``, backward,
   Adam, then ``update_lipschitz(model, n)`` (users must call it; the official example uses
-  ``n=50``). Measured with ``reduce_memory=True`` (Neumann-series gradient + backward in
+  ``n=50``, users most often 5): ``--lipschitz-iters 5,1,50`` times ``n = 5`` as the
+  headline (``nf_reduce_memory``, ``nf_plain``) and the others as ``nf_*@n`` in the same
+  interleaved rounds. Measured with ``reduce_memory=True`` (Neumann-series gradient + backward in
   forward, its default) and ``reduce_memory=False`` (plain estimator, like ours).
 
 Same estimator on both sides: one Gaussian Hutchinson probe, unbiased Russian roulette with
@@ -268,7 +270,7 @@ def ours_block_settings() -> dict[str, Any]:
     return out
 
 
-def estimator_description(lipschitz_iters: int) -> dict[str, Any]:
+def estimator_description(lipschitz_iters: list[int]) -> dict[str, Any]:
     return {
         "ours_block_settings_read_back": ours_block_settings(),
         "family": "unbiased Russian-roulette power series, Hutchinson trace, 1 Gaussian probe",
@@ -306,7 +308,8 @@ def estimator_description(lipschitz_iters: int) -> dict[str, Any]:
             "nf_reduce_memory": "reduce_memory=True: neumann_grad=True and "
             "grad_in_forward=True (value returned is the Neumann surrogate, not log|det|)",
             "nf_plain": "reduce_memory=False: basic estimator, backprop through every term",
-            "update_lipschitz_iterations_per_step": lipschitz_iters,
+            "update_lipschitz_iterations_per_step": lipschitz_iters[0],
+            "update_lipschitz_iterations_also_timed": lipschitz_iters[1:],
         },
         "equivalence": "normflows (n_exact_terms=2, N>=1) and ours (n_exact_terms=3, N>=0) "
         "compute the same number of terms with the same weights, in law",
@@ -336,10 +339,15 @@ def architecture_description(cfg: dict[str, Any]) -> dict[str, Any]:
 # -- training benchmark ---------------------------------------------------------------------
 def bench_training(args: Any, device: torch.device, config: str) -> dict[str, Any]:
     impls = list(IMPLS)
-    steps = {
-        name: build_step(name, config, str(device), args.seed, args.lipschitz_iters)
-        for name in impls
-    }
+    primary, *others = args.lipschitz_iters
+    steps = {name: build_step(name, config, str(device), args.seed, primary) for name in impls}
+    # normflows again at the other update_lipschitz settings, in the same interleaved rounds
+    pairs = list(RATIOS)
+    for n in others:
+        for name, spec in IMPLS.items():
+            if spec["kind"] == "normflows":
+                steps[f"{name}@{n}"] = build_step(name, config, str(device), args.seed, n)
+        pairs += [(a, f"{b}@{n}") for a, b in RATIOS]
 
     def reseed(r: int) -> None:
         torch.manual_seed(10_000 + r)
@@ -348,10 +356,10 @@ def bench_training(args: Any, device: torch.device, config: str) -> dict[str, An
     timing = interleaved_timing(
         steps, device, reps=args.reps, warmup=args.warmup, seed=args.seed, before_round=reseed
     )
-    ratios = {f"{a}/{b}": paired_ratio(timing, a, b) for a, b in RATIOS}
+    ratios = {f"{a}/{b}": paired_ratio(timing, a, b) for a, b in pairs}
     # without normflows' update_lipschitz, for reference (not what a user runs)
     excl = {}
-    for a, b in RATIOS:
+    for a, b in pairs:
         ph = timing["impls"][b]["phases"]
         no_update = timing["impls"][b]["total"]["median"] - ph["update_lipschitz"]["median"]
         excl[f"{a}/{b}"] = timing["impls"][a]["total"]["median"] / no_update
@@ -369,7 +377,7 @@ def bench_training(args: Any, device: torch.device, config: str) -> dict[str, An
                     "impl": name,
                     "config": config,
                     "seed": args.seed,
-                    "lipschitz_iters": args.lipschitz_iters,
+                    "lipschitz_iters": primary,
                     "warm": True,
                 }
                 if device.type == "cpu":
@@ -396,11 +404,20 @@ def bench_training(args: Any, device: torch.device, config: str) -> dict[str, An
         }
     for entry in timing["impls"].values():
         entry["samples"] = [round(s, 6) for s in entry["samples"]]
+    by_iters = {
+        str(n): {
+            f"ours/{b}": ratios[f"ours/{b}" + ("" if n == primary else f"@{n}")]["of_medians"]
+            for b in ("nf_reduce_memory", "nf_plain")
+        }
+        for n in args.lipschitz_iters
+    }
     return {
         "config": CONFIGS[config],
         "architecture": architecture_description(CONFIGS[config]),
+        "lipschitz_iters": {"primary": primary, "all": args.lipschitz_iters},
         "timing_seconds": timing,
         "time_ratios": ratios,
+        "time_ratios_by_lipschitz_iters": by_iters,
         "peak_memory": memory,
     }
 
@@ -858,7 +875,7 @@ def bench_trained_flow(args: Any, device: torch.device) -> dict[str, Any]:
 
 # -- profile --------------------------------------------------------------------------------
 def profile_step(args: Any, device: torch.device, config: str, impl: str) -> dict[str, Any]:
-    step = build_step(impl, config, str(device), args.seed, args.lipschitz_iters)
+    step = build_step(impl, config, str(device), args.seed, args.lipschitz_iters[0])
     timer = PhaseTimer(device)
     for _ in range(args.warmup):
         timer.start()
@@ -898,14 +915,24 @@ def profile_step(args: Any, device: torch.device, config: str, impl: str) -> dic
 
 
 # -- main -----------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise ValueError(f"expected distinct non-negative integers, got {text!r}")
+    return values
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--configs", default="A,B")
     parser.add_argument(
         "--lipschitz-iters",
-        type=int,
-        default=50,
-        help="normflows update_lipschitz iterations per step (official example: 50)",
+        type=_int_list,
+        default=[5, 1, 50],
+        help="normflows update_lipschitz iterations per step, a comma list: the first is "
+        "the headline setting (nf_reduce_memory, nf_plain), the others are timed in the "
+        "same interleaved rounds as nf_*@n (default 5,1,50: 5 is what users most often "
+        "call, the official example uses 50)",
     )
     parser.add_argument("--mem-steps", type=int, default=5)
     parser.add_argument("--skip-inverse", action="store_true")
@@ -1059,6 +1086,15 @@ def print_tables(result: dict[str, Any]) -> None:
                         mr.get(key, "-"),
                     ]
                 )
+        rows = [
+            [c, f"n = {n}", v["ours/nf_reduce_memory"], v["ours/nf_plain"]]
+            for c, r in result["training"].items()
+            for n, v in r.get("time_ratios_by_lipschitz_iters", {}).items()
+        ]
+        if rows:
+            print("\n## ours / normflows by normflows' update_lipschitz(model, n) (medians)\n")
+            header = ["config", "normflows n", "/ nf_reduce_memory", "/ nf_plain"]
+            print(markdown_table(header, rows))
         print("\n## Ratios (ours / normflows; < 1: ours is faster / smaller)\n")
         print(
             markdown_table(

@@ -57,8 +57,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..ops.digest import value_digest
-
 __all__ = [
     "SpectralNormScale",
     "ConvSpectralNormScale",
@@ -69,6 +67,8 @@ __all__ = [
 
 # refreshes are rare (only after a weight changed): one lock for all layers is enough
 _REFRESH_LOCK = threading.RLock()
+# the weight "seen" by a refresh that ran inside torch.jit.trace (values unreadable there)
+_TRACED = torch.empty(0)
 
 
 def default_power_tolerance(dtype: torch.dtype) -> float:
@@ -146,6 +146,25 @@ def _top_eigenvector(tri: np.ndarray, k: int) -> np.ndarray:
     if k == 1:
         return np.ones(1)
     return np.ascontiguousarray(np.linalg.eigh(tri[:k, :k])[1][:, -1])
+
+
+def _top_gram_vector(gram: np.ndarray) -> np.ndarray:
+    """Unit eigenvector of the largest eigenvalue of a small symmetric PSD matrix (float64).
+
+    A 2 x 2 matrix ``[[a, b], [b, d]]`` (the thin layers of 2-D flows) in closed form: the
+    top eigenvalue is ``l = (a + d) / 2 + hypot((a - d) / 2, b)`` and ``(b, l - a)`` or
+    ``(l - d, b)`` its eigenvector, whichever is the longer (the other can vanish).
+    """
+    n = gram.shape[0]
+    if n == 1:
+        return np.ones(1)
+    if n == 2:
+        a, b, d = float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1])
+        top = 0.5 * (a + d) + math.hypot(0.5 * (a - d), b)
+        x, y = (b, top - a) if top - a >= top - d else (top - d, b)
+        norm = math.hypot(x, y)
+        return np.array([x / norm, y / norm]) if norm > 0 else np.array([1.0, 0.0])
+    return np.ascontiguousarray(np.linalg.eigh(gram)[1][:, -1])
 
 
 def _lanczos_iteration(
@@ -245,7 +264,10 @@ class SpectralNormScale(nn.Module):
         # taken from another run) gets a full refresh instead (NaN: no weight known).
         self.register_buffer("weight_digest", torch.full((4,), math.nan, dtype=torch.float64))
         self._seen: tuple | None = None
-        self._weight_seen: tuple[object, ...] | None = None
+        # a copy of the weight (u, v) were refreshed for: writes through ``p.data`` keep the
+        # version counter, so the values are compared (one copy per refresh, cheaper than
+        # digesting the values; compared only when the fingerprint still matches)
+        self._weight_seen: Tensor | None = None
         self._converged = False
         self._full_refresh = False  # set by a load the buffers cannot vouch for
 
@@ -305,6 +327,17 @@ class SpectralNormScale(nn.Module):
 
     def _exact(self, weight: Tensor) -> None:
         on_inputs = self.v.numel() <= self.u.numel()
+        if weight.device.type == "cpu" and weight.dtype in _HOST_DTYPES:
+            # all in float64 numpy: a handful of tiny products, where torch's per-operation
+            # dispatch would cost more than the arithmetic
+            w = weight.numpy().astype(np.float64)
+            top = _top_gram_vector(w.T @ w if on_inputs else w @ w.T)
+            other = w @ top if on_inputs else w.T @ top
+            other /= max(float(np.sqrt(other @ other)), 1e-12)
+            first, second = (self.v, self.u) if on_inputs else (self.u, self.v)
+            first.copy_(torch.from_numpy(top))
+            second.copy_(torch.from_numpy(other))
+            return
         gram = weight.t() @ weight if on_inputs else weight @ weight.t()
         # float64 on the host: the matrix is at most 8 x 8
         vectors = np.linalg.eigh(gram.detach().to("cpu", torch.float64).numpy())[1]
@@ -378,10 +411,12 @@ class SpectralNormScale(nn.Module):
         return torch.dot(self.u, self._matvec(weight, self.v))
 
     @staticmethod
-    def _value_digest(weight: Tensor) -> tuple[object, ...]:
-        # order-sensitive: a permutation of entries through ``p.data`` keeps the sum and
-        # the norm but can change the operator norm
-        return value_digest([weight.detach()])
+    def _snapshot(weight: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            # a trace would record the copy; nothing writes the weights while it runs, and
+            # outside the trace this marker never matches a weight
+            return _TRACED
+        return weight.detach().clone()
 
     def _changed(self, weight: Tensor) -> bool:
         if self._fingerprint(weight) != self._seen or self._weight_seen is None:
@@ -391,14 +426,18 @@ class SpectralNormScale(nn.Module):
         if torch.jit.is_tracing():
             # a trace cannot read values; nothing writes the weights while it runs
             return False
-        return self._value_digest(weight) != self._weight_seen
+        if self._weight_seen is _TRACED:
+            return True
+        # exact comparison: a permutation of entries through ``p.data`` keeps the sum and
+        # the norm but can change the operator norm
+        return not torch.equal(weight.detach(), self._weight_seen)
 
     def _needs_refresh(self, weight: Tensor) -> bool:
         return self._changed(weight) or (not self.training and not self._converged)
 
     def _mark_seen(self, weight: Tensor) -> None:
         self._seen = self._fingerprint(weight)
-        self._weight_seen = self._value_digest(weight)
+        self._weight_seen = self._snapshot(weight)
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.training and torch.jit.is_tracing():

@@ -279,6 +279,8 @@ def _wide(jac: Tensor) -> Tensor:
 
 
 def _event_sum(t: Tensor, event_dim: int) -> Tensor:
+    if event_dim == 1:
+        return t.sum(-1)
     return t.flatten(start_dim=t.dim() - event_dim).sum(-1) if event_dim else t
 
 
@@ -394,15 +396,20 @@ def _series(
     unbiased for the gradient of the log-det (Chen et al. 2019, eq. 8) and flat in memory.
     The value returned is the estimate itself, not the surrogate.
     """
-    w = v
-    value = 0.0
-    neumann = torch.zeros_like(v) if graph_vjp is not None else None
-    for k, a in enumerate(coefficients, start=1):
+    # The terms are accumulated as vectors, sum_k a_k v^T J^k, and dotted with v once at
+    # the end: one operation per term instead of a product, a reduction and two scalings.
+    w = vjp(v)
+    weighted = coefficients[0] * w
+    neumann = None
+    if graph_vjp is not None:
+        # graph-free powers (vjp builds no graph here): accumulated in place
+        neumann = coefficients[0] * v
+    for k, a in enumerate(coefficients[1:], start=2):
         if neumann is not None:
-            neumann = neumann + (k * a) * w
+            neumann.add_(w, alpha=k * a)
         w = vjp(w)
-        value = value + a * _event_sum(w * v, event_dim)
-    value = value.mean(0)  # type: ignore[union-attr]
+        weighted = torch.add(weighted, w, alpha=a)
+    value = _event_sum(weighted * v, event_dim).mean(0)
     if neumann is None:
         return value
     surrogate = _event_sum(graph_vjp(neumann) * v, event_dim).mean(0)
