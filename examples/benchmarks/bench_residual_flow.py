@@ -1086,15 +1086,15 @@ def print_tables(result: dict[str, Any]) -> None:
                         mr.get(key, "-"),
                     ]
                 )
-        rows = [
+        by_iters = [
             [c, f"n = {n}", v["ours/nf_reduce_memory"], v["ours/nf_plain"]]
             for c, r in result["training"].items()
             for n, v in r.get("time_ratios_by_lipschitz_iters", {}).items()
         ]
-        if rows:
+        if by_iters:
             print("\n## ours / normflows by normflows' update_lipschitz(model, n) (medians)\n")
             header = ["config", "normflows n", "/ nf_reduce_memory", "/ nf_plain"]
-            print(markdown_table(header, rows))
+            print(markdown_table(header, by_iters))
         print("\n## Ratios (ours / normflows; < 1: ours is faster / smaller)\n")
         print(
             markdown_table(

@@ -316,7 +316,10 @@ class SpectralNormScale(nn.Module):
         if max_iterations is None:
             max_iterations = self.n_power_iterations if self.training else self.max_eval_iterations
         tol = self.tol if self.tol is not None else default_power_tolerance(weight.dtype)
-        sigma = float(torch.dot(self.u, self._matvec(weight, self.v)))
+        if self._on_host(weight):
+            sigma = float(self.u.numpy() @ (weight.numpy() @ self.v.numpy()))
+        else:
+            sigma = float(torch.dot(self.u, self._matvec(weight, self.v)))
         converged = False
         while max_iterations > 0 and not converged:
             # restarted from the Ritz vector every _LANCZOS_BASIS steps: bounded memory
@@ -349,12 +352,7 @@ class SpectralNormScale(nn.Module):
         # outputs): a 32 x 2 layer then needs at most two steps.
         on_inputs = self.v.numel() <= self.u.numel()
         floor = 16 * torch.finfo(weight.dtype).eps
-        if (
-            self._exact_ok
-            and weight.device.type == "cpu"
-            and weight.dtype in _HOST_DTYPES
-            and weight.numel() <= _HOST_MAX_NUMEL
-        ):
+        if self._on_host(weight):
             # A dense layer on the CPU: the same iteration on numpy views of the tensors,
             # whose per-operation overhead is a fraction of torch's (a 256-wide step took
             # ~150 us in torch, mostly dispatch).
@@ -391,11 +389,28 @@ class SpectralNormScale(nn.Module):
             return sigma, True  # the first step met the tolerance: commit nothing
         k = ritz.shape[0]
         if isinstance(basis, np.ndarray):
-            top = torch.from_numpy(basis[:k].T @ ritz.astype(basis.dtype)).to(weight)
-        else:
-            top = basis[:k].t() @ torch.from_numpy(ritz).to(weight)
+            # the pair in numpy too, then two copies into the buffers
+            top = basis[:k].T @ ritz.astype(basis.dtype)
+            top /= max(float(np.sqrt(top @ top)), 1e-12)
+            other = w @ top if on_inputs else w.T @ top
+            other /= max(float(np.sqrt(other @ other)), 1e-12)
+            first, second = (self.v, self.u) if on_inputs else (self.u, self.v)
+            first.copy_(torch.from_numpy(top))
+            second.copy_(torch.from_numpy(other))
+            return sigma, converged
+        top = basis[:k].t() @ torch.from_numpy(ritz).to(weight)
         self._commit(weight, _normalize(top), on_inputs)
         return sigma, converged
+
+    def _on_host(self, weight: Tensor) -> bool:
+        # a dense layer on the CPU: numpy views of the tensors, whose per-operation
+        # overhead is a fraction of torch's
+        return (
+            self._exact_ok
+            and weight.device.type == "cpu"
+            and weight.dtype in _HOST_DTYPES
+            and weight.numel() <= _HOST_MAX_NUMEL
+        )
 
     def _commit(self, weight: Tensor, top: Tensor, on_inputs: bool) -> None:
         """Store the top singular pair from the unit top vector of the smaller side."""
