@@ -83,3 +83,21 @@ def test_the_torch_and_numpy_lanczos_paths_agree(monkeypatch):
         results.append(float(sn.sigma(weight)))
     assert results[0] == pytest.approx(_norm(weight), rel=1e-10)
     assert results[1] == pytest.approx(results[0], rel=1e-10)
+
+
+def test_thin_layer_closed_form_matches_eigh():
+    """The 2 x 2 Gram matrices of 2-D flows' thin layers are solved in closed form,
+    degenerate ones (a zero column, equal columns, a multiple of the identity) included."""
+    import numpy as np
+
+    from pyro_invres.nn.spectral import _top_gram_vector
+
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=(int(rng.integers(1, 6)), 2)) for _ in range(300)]
+    cases += [np.array([[1.0, 0.0], [2.0, 0.0]]), np.array([[1.0, 1.0], [2.0, 2.0]])]
+    cases += [np.eye(2), np.zeros((3, 2))]
+    for w in cases:
+        gram = w.T @ w
+        top = _top_gram_vector(gram)
+        assert abs(np.linalg.norm(top) - 1.0) < 1e-12
+        assert abs(top @ gram @ top - np.linalg.eigvalsh(gram)[-1]) <= 1e-12 * max(1.0, gram.max())
