@@ -1,31 +1,38 @@
 """``AutoResidualFlow``: a residual-flow autoguide for Pyro models.
 
 The guide is a flow over the model's unconstrained latents, built by
-:func:`~pyro_invres.flows.posterior_flow`: from a standard normal base, masked affine
-coupling layers (every coordinate rescaled by every other somewhere, see
-:func:`~pyro_invres.transforms.masked_coupling.pairwise_masks`) alternating with i-ResNet
-blocks ``z + g(z)`` (explicit in the sampling direction, exact log-determinant), then a
-learned full-rank affine map ``loc + L z`` that starts at the model's initial point.
+:func:`~pyro_invres.flows.posterior_flow`: from a standard normal base, two rounds of an
+affine autoregressive layer (IAF direction, MADE conditioner with a linear skip path; the
+second round in the reversed order) followed by a one-hidden-layer i-ResNet block
+``z + g(z)`` (``Lip(g) <= 0.9``, exact log-determinant), then a learned full-rank affine
+map ``loc + L z`` that starts at the model's initial point.
 
 Why this shape: a residual block with ``Lip(g) <= c`` has Jacobian singular values in
 ``[1 - c, 1 + c]``, so a stack of them cannot change local scale by the ``e^9`` a funnel's
-neck and mouth differ by. The scale layers do that job cheaply (a log-scale close to
-linear in the conditioning coordinates, as in a funnel ``x_j | v ~ N(0, e^{v})`` or a
-centred hierarchy ``theta_j = mu + tau eta_j``); the full-rank affine map carries location,
-global scale and correlation (the ``AutoMultivariateNormal`` family is the special case
-with no other layer); the residual blocks add the smooth, dense, non-axis-aligned
-nonlinearity the others lack. Every layer is explicit in the sampling direction, so
-drawing and scoring its own samples (ELBO, importance weights, NeuTra-HMC) never solves a
-fixed point, and every log-determinant is exact.
+neck and mouth differ by. The autoregressive layers do that job (a log-scale close to
+linear in the earlier coordinates, as in a funnel ``x_j | v ~ N(0, e^{v})`` or a centred
+hierarchy ``theta_j = mu + tau eta_j``), but each is affine in the coordinate it moves: it
+cannot bend a marginal (the skewed posterior of eight schools' ``log tau``). The
+residual blocks add that smooth, dense, non-axis-aligned nonlinearity; the full-rank
+affine map carries location, global scale and correlation (the ``AutoMultivariateNormal``
+family is the special case with no other layer). What each part earned, measured by
+``examples/benchmarks/study_guide_ablation.py`` (results in
+``examples/benchmarks/results/guide_ablation_cpu.json``), and what a step costs against
+``AutoIAFNormal`` (``bench_guide_step.py``, ``results/guide_step_cpu.json``), is in
+``docs/posteriors.md``. The blocks are kept cheap for a posterior's size: one hidden
+layer, so the exact log-det is one batched ``D x D`` determinant, and exact spectral
+norms (one small SVD) instead of power iterations.
 
-It is correct straight after training in either module mode: it holds no data-initialised
-layer (no ActNorm), and the spectral normalisation refreshes only when weights change.
+Every layer is explicit in the sampling direction, so drawing and scoring its own samples
+(ELBO, importance weights, NeuTra-HMC) never solves anything, and every log-determinant
+is exact. It is correct straight after training in either module mode: it holds no
+data-initialised layer (no ActNorm) and no power-iteration state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pyro.distributions as dist
@@ -49,16 +56,15 @@ class AutoResidualFlow(AutoContinuous):
 
     Arguments:
         model: a Pyro model.
-        num_blocks: i-ResNet blocks (0 leaves the scale layers and the affine map).
-        hidden_dims: hidden sizes of each block's Lipschitz network (default
-            ``[max(32, 4 D)] * 2``).
-        coupling_hidden_dims: hidden sizes of the scale layers' conditioners (default
-            ``[max(32, 4 D)]``, with a linear skip path); ``[]`` keeps them log-linear.
+        num_blocks: residual blocks (0: the ablation without them).
+        hidden_dim: each block's hidden units (default ``max(16, 2 D)``).
+        num_autoregressive: affine autoregressive layers.
+        autoregressive_hidden_dim: their MADE's hidden units (default ``3 D + 1``); 0
+            keeps each log-scale linear in the earlier coordinates.
         lipschitz: the bound ``c < 1`` on each block's ``Lip(g)``.
-        log_scale_bound: the bound on each scale layer's log-scale.
+        log_scale_bound: the bound on each autoregressive layer's log-scale.
         init_scale: the starting scale of the affine map (as ``AutoMultivariateNormal``).
         init_loc_fn: where the affine map starts (a Pyro init strategy).
-        activation: the blocks' activation.
 
     Example:
         >>> import pyro, pyro.distributions as dist, torch
@@ -67,7 +73,7 @@ class AutoResidualFlow(AutoContinuous):
         ...     v = pyro.sample("v", dist.Normal(0.0, 3.0))
         ...     pyro.sample("x", dist.Normal(0.0, (v / 2).exp()).expand([2]).to_event(1))
         >>> pyro.clear_param_store()
-        >>> guide = AutoResidualFlow(model, num_blocks=1)
+        >>> guide = AutoResidualFlow(model)
         >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
         >>> loss = svi.step()
         >>> posterior = guide.get_posterior()
@@ -81,26 +87,24 @@ class AutoResidualFlow(AutoContinuous):
         model: Callable[..., Any],
         *,
         num_blocks: int = 2,
-        hidden_dims: Sequence[int] | None = None,
-        coupling_hidden_dims: Sequence[int] | None = None,
+        hidden_dim: int | None = None,
+        num_autoregressive: int = 2,
+        autoregressive_hidden_dim: int | None = None,
         lipschitz: float = 0.9,
         log_scale_bound: float = 4.0,
         init_scale: float = 0.1,
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
-        activation: str = "lipswish",
     ) -> None:
         if not (math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
         self._flow_options = {
-            "num_blocks": int(num_blocks),
-            "hidden_dims": None if hidden_dims is None else list(hidden_dims),
-            "coupling_hidden_dims": (
-                None if coupling_hidden_dims is None else list(coupling_hidden_dims)
-            ),
+            "num_blocks": num_blocks,
+            "hidden_dim": hidden_dim,
+            "num_autoregressive": num_autoregressive,
+            "autoregressive_hidden_dim": autoregressive_hidden_dim,
             "lipschitz": float(lipschitz),
             "log_scale_bound": float(log_scale_bound),
             "init_scale": float(init_scale),
-            "activation": activation,
         }
         # fail at construction, not at the first SVI step, on options the flow refuses
         posterior_flow(2, **self._flow_options)

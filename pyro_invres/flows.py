@@ -23,13 +23,15 @@ from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 
 from .transforms.actnorm import ActNorm
+from .transforms.autoregressive import affine_autoregressive
+from .transforms.base import InvertibleModule
 from .transforms.chain import Chain
 from .transforms.conv1x1 import InvertibleConv1x1
 from .transforms.coupling import affine_coupling
+from .transforms.dense_residual import DenseResidual
 from .transforms.downsample import ChannelPermutation, InvertibleDownsampling
 from .transforms.inverse import Inverse
 from .transforms.iresnet import conditional_iresnet, iresnet
-from .transforms.masked_coupling import masked_affine_coupling, pairwise_masks
 from .transforms.revnet import revnet_block
 from .transforms.subset import ChannelSubset
 from .transforms.triangular import TriangularAffine
@@ -325,79 +327,80 @@ def conditional_residual_flow(
 def posterior_flow(
     input_dim: int,
     num_blocks: int = 2,
-    hidden_dims: Sequence[int] | None = None,
+    hidden_dim: int | None = None,
     *,
-    coupling_hidden_dims: Sequence[int] | None = None,
+    num_autoregressive: int = 2,
+    autoregressive_hidden_dim: int | None = None,
     lipschitz: float = 0.9,
     log_scale_bound: float = 4.0,
     init_scale: float = 1.0,
-    activation: str = "lipswish",
 ) -> Chain:
     """The flow of :class:`~pyro_invres.autoguide.AutoResidualFlow`, base to latent.
 
     .. math::
 
-        f = A \\circ C_{M} \\circ \\cdots \\circ F_1 \\circ C_{m} \\circ \\cdots \\circ C_1,
-        \\qquad F_k(z) = z + g_k(z), \\quad A(z) = \\mu + L z,
+        f = A \\circ F_2 \\circ T_2 \\circ F_1 \\circ T_1, \\qquad
+        T_k(z)_i = z_i e^{s_{k,i}(z_{<i})} + t_{k,i}(z_{<i}), \\quad
+        F_k(z) = z + g_k(z), \\quad A(z) = \\mu + L z,
 
-    with ``C`` the masked affine couplings of
-    :func:`~pyro_invres.transforms.masked_coupling.pairwise_masks` (``2 ceil(log2 D)`` of
-    them, so each coordinate's scale depends on each other coordinate somewhere) spread
-    evenly before and between the ``K`` i-ResNet blocks ``F_k`` (explicit in this,
-    the sampling, direction, with the exact log-det), and ``A`` a learned
-    lower-triangular affine map. Why this shape is in the :mod:`~pyro_invres.autoguide`
-    module's docstring. The parts run as one :class:`~pyro_invres.transforms.chain.Chain`
-    (validated and cached at its ends only: a guide scores its own samples from the one
-    pair it keeps).
+    (the default ``K = 2``): affine autoregressive layers ``T_k``
+    (:class:`~pyro_invres.transforms.autoregressive.AffineAutoregressive`, the second in
+    the reversed order, so every coordinate's scale depends on every other), each
+    followed by a one-hidden-layer i-ResNet block ``F_k``
+    (:class:`~pyro_invres.transforms.dense_residual.DenseResidual`, ``Lip(g_k) <= c``,
+    exact log-det by one ``D x D`` determinant), and a learned lower-triangular affine
+    map ``A``. Every part is explicit in this, the sampling, direction. Why this shape
+    (and what each part earned in measurements) is in the
+    :mod:`~pyro_invres.autoguide` module's docstring. The parts run as one
+    :class:`~pyro_invres.transforms.chain.Chain` (validated and cached at its ends only: a
+    guide scores its own samples from the one pair it keeps).
 
     Arguments:
         input_dim: ``D``.
-        num_blocks: ``K``, i-ResNet blocks (0 is allowed: couplings and ``A`` only).
-        hidden_dims: each block's hidden sizes (default ``[max(32, 4 D)] * 2``).
-        coupling_hidden_dims: the couplings' conditioner hidden sizes (default
-            ``[max(32, 4 D)]``); ``[]`` keeps each log-scale linear in the conditioning
+        num_blocks: residual blocks ``F_k`` (0: the ablation without them).
+        hidden_dim: each block's hidden units (default ``max(16, 2 D)``).
+        num_autoregressive: autoregressive layers ``T_k``, alternating in order with the
+            blocks (``T_1 F_1 T_2 F_2 ...``; the longer list continues alone).
+        autoregressive_hidden_dim: the MADE's hidden units (default ``3 D + 1``, as
+            Pyro's ``AutoIAFNormal``); 0 keeps each log-scale linear in the earlier
             coordinates.
-        lipschitz: ``Lip(g_k) <= c``.
-        log_scale_bound: each coupling's log-scale bound.
+        lipschitz: ``c``, the bound on ``Lip(g_k)``.
+        log_scale_bound: each autoregressive layer's log-scale bound.
         init_scale: ``L = init_scale * I`` to start.
-        activation: the blocks' activation.
 
     Example:
         >>> import torch
-        >>> flow = posterior_flow(5, num_blocks=1)
+        >>> flow = posterior_flow(5)
         >>> [type(p).__name__ for p in flow.parts]   # doctest: +NORMALIZE_WHITESPACE
-        ['MaskedAffineCoupling', 'MaskedAffineCoupling', 'MaskedAffineCoupling',
-         'MaskedAffineCoupling', 'MaskedAffineCoupling', 'MaskedAffineCoupling',
-         'InvertibleResidual', 'TriangularAffine']
+        ['AffineAutoregressive', 'DenseResidual', 'AffineAutoregressive', 'DenseResidual',
+         'TriangularAffine']
         >>> flow(torch.randn(3, 5)).shape
         torch.Size([3, 5])
     """
     dim = int(input_dim)
-    num_blocks = int(num_blocks)
-    if num_blocks < 0:
-        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-    hidden = [max(32, 4 * dim)] * 2 if hidden_dims is None else list(hidden_dims)
-    cpl_hidden = [max(32, 4 * dim)] if coupling_hidden_dims is None else list(coupling_hidden_dims)
-    couplings = [
-        masked_affine_coupling(dim, cpl_hidden, mask, log_scale_bound=log_scale_bound)
-        for mask in pairwise_masks(dim)
-    ]
-    # couplings first (the base's scale structure), then alternating with the blocks
-    per = -(-len(couplings) // max(num_blocks, 1))
-    parts: list[TransformModule] = []
-    for k in range(max(num_blocks, 1)):
-        parts += couplings[k * per : (k + 1) * per]
-        if k < num_blocks:
+    if dim < 1:
+        raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+    for name, value in [("num_blocks", num_blocks), ("num_autoregressive", num_autoregressive)]:
+        if isinstance(value, bool) or int(value) != value or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    hidden = max(16, 2 * dim) if hidden_dim is None else int(hidden_dim)
+    ar_hidden = 3 * dim + 1 if autoregressive_hidden_dim is None else int(autoregressive_hidden_dim)
+    if ar_hidden < 0:
+        raise ValueError(f"autoregressive_hidden_dim must be >= 0, got {ar_hidden}")
+    parts: list[InvertibleModule] = []
+    for k in range(max(int(num_blocks), int(num_autoregressive))):
+        if k < num_autoregressive:
+            order = torch.arange(dim) if k % 2 == 0 else torch.arange(dim).flip(0)
             parts.append(
-                iresnet(
+                affine_autoregressive(
                     dim,
-                    hidden,
-                    lipschitz=lipschitz,
-                    explicit="forward",
-                    logdet="exact",
-                    activation=activation,
+                    [ar_hidden] if ar_hidden else [],
+                    order=order,
+                    log_scale_bound=log_scale_bound,
                 )
             )
+        if k < num_blocks:
+            parts.append(DenseResidual(dim, hidden, lipschitz))
     parts.append(TriangularAffine(dim, init_scale=init_scale))
     return Chain(parts)
 

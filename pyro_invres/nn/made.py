@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["MADE", "made_masks"]
 
@@ -88,23 +89,25 @@ class MADE(nn.Module):
         hidden, out, skip = made_masks(order, width)
         self.input_dim = dim
         self.register_buffer("order", order.long().clone())
-        self.register_buffer("skip_mask", torch.cat([skip, skip]))
-        self.skip = nn.Parameter(torch.zeros(2 * dim, dim))
-        self.bias = nn.Parameter(torch.zeros(2 * dim))
+        self.width = width if hidden_dims else 0
+        # each layer is one parameter tensor [weights | bias] (few tensors: the optimizer's
+        # per-tensor work outweighs the arithmetic at a posterior's size)
+        out_mask = torch.cat([skip, out], dim=1) if hidden_dims else skip
+        self.register_buffer("out_mask", torch.cat([out_mask, out_mask]))
+        self.out = nn.Parameter(torch.zeros(2 * dim, dim + self.width + 1))
         if hidden_dims:
             self.register_buffer("hidden_mask", hidden)
-            self.register_buffer("out_mask", torch.cat([out, out]))
-            self.hidden = nn.Linear(dim, width)
-            self.out = nn.Parameter(torch.zeros(2 * dim, width))
+            bound = 1 / dim**0.5  # nn.Linear's default initialisation
+            self.hidden = nn.Parameter(torch.empty(width, dim + 1).uniform_(-bound, bound))
         else:
             self.hidden = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # one fused product for the skip path and the output layer
-        y = torch.nn.functional.linear(x, self.skip * self.skip_mask, self.bias)
+        dim = self.input_dim
         if self.hidden is not None:
-            weight = self.hidden.weight * self.hidden_mask
-            h = torch.relu(torch.nn.functional.linear(x, weight, self.hidden.bias))
-            y = y + torch.nn.functional.linear(h, self.out * self.out_mask)
+            pre = F.linear(x, self.hidden[:, :dim] * self.hidden_mask, self.hidden[:, dim])
+            x = torch.cat([x, torch.relu(pre)], dim=-1)
+        # the skip path and the output layer in one product
+        y = F.linear(x, self.out[:, :-1] * self.out_mask, self.out[:, -1])
         raw, shift = y.chunk(2, dim=-1)
         return raw, shift

@@ -30,6 +30,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .base import InvertibleModule
 
@@ -79,24 +80,27 @@ class DenseResidual(InvertibleModule):
         self.lipschitz = float(lipschitz)
         self.atol = None if atol is None else float(atol)
         self.max_iter = int(max_iter)
-        self.w1 = nn.Parameter(torch.empty(hidden, dim))
-        nn.init.orthogonal_(self.w1)
-        self.b1 = nn.Parameter(torch.zeros(hidden))
+        # each layer is one parameter tensor [weights | bias] (few tensors: the optimizer's
+        # per-tensor work outweighs the arithmetic at a posterior's size)
+        w1 = torch.empty(hidden, dim)
+        nn.init.orthogonal_(w1)
+        self.layer1 = nn.Parameter(torch.cat([w1, torch.zeros(hidden, 1)], dim=1))
         # the output layer starts small, so the block starts near the identity
-        self.w2 = nn.Parameter(0.01 * torch.randn(dim, hidden) / math.sqrt(hidden))
-        self.b2 = nn.Parameter(torch.zeros(dim))
+        w2 = 0.01 * torch.randn(dim, hidden) / math.sqrt(hidden)
+        self.layer2 = nn.Parameter(torch.cat([w2, torch.zeros(dim, 1)], dim=1))
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= c``."""
+        w1, w2 = self.layer1[:, :-1], self.layer2[:, :-1]
         # both norms from one batched SVD (W2 and W2^T share their singular values)
-        sigma = torch.linalg.matrix_norm(torch.stack([self.w1, self.w2.T]), ord=2)
+        sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
         cap = torch.clamp(sigma / sigma.new_tensor([1.0, self.lipschitz]), min=1.0)
-        return self.w1 / cap[0], self.w2 / cap[1]
+        return w1 / cap[0], w2 / cap[1]
 
     def _branch(self, x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
         """``g(x)`` and ``tanh'`` at the hidden pre-activation."""
-        a = torch.tanh(torch.nn.functional.linear(x, w1, self.b1))
-        return torch.nn.functional.linear(a, w2, self.b2), 1 - a * a
+        a = torch.tanh(F.linear(x, w1, self.layer1[:, -1]))
+        return F.linear(a, w2, self.layer2[:, -1]), 1 - a * a
 
     def _jacobian(self, slope: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         eye = torch.eye(w1.shape[1], dtype=w1.dtype, device=w1.device)
@@ -127,7 +131,7 @@ class DenseResidual(InvertibleModule):
         return x, torch.linalg.slogdet(self._jacobian(slope, w1, w2))[1]
 
     def extra_repr(self) -> str:
-        hidden, dim = self.w1.shape
+        hidden, dim = self.layer1.shape[0], self.layer1.shape[1] - 1
         return f"input_dim={dim}, hidden_dim={hidden}, lipschitz={self.lipschitz}"
 
 
@@ -135,7 +139,7 @@ def dense_residual(input_dim: int, hidden_dim: int, lipschitz: float = 0.9) -> D
     """Build a :class:`DenseResidual` block (near the identity at initialisation).
 
     Example:
-        >>> dense_residual(4, 16).w1.shape
-        torch.Size([16, 4])
+        >>> [tuple(w.shape) for w in dense_residual(4, 16).weights()]
+        [(16, 4), (4, 16)]
     """
     return DenseResidual(input_dim, hidden_dim, lipschitz)
