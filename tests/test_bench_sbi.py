@@ -1,0 +1,59 @@
+"""Smoke test of examples/benchmarks/bench_sbi.py --quick (needs sbibm and zuko)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sbibm", reason="bench_sbi needs sbibm (pip install --no-deps sbibm)")
+pytest.importorskip("zuko", reason="bench_sbi compares against zuko's flows")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "bench_sbi.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_sbi", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_scored_results(tmp_path: Path) -> None:
+    bench = _load()
+    out = tmp_path / "sbi.json"
+    models = ["zuko_nsf", "ours_residual"]
+    bench.main(["--quick", "--tasks", "two_moons", "--models", *models, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["env"]["torch_threads"] >= 1
+    assert {(r["task"], r["model"]) for r in data["results"]} == {("two_moons", m) for m in models}
+    for record in data["results"]:
+        assert record["budget"] == 300 and record["epochs"] <= 5
+        assert 0.4 <= record["c2st_mean"] <= 1.0, record
+        assert record["n_params"] > 0 and record["train_time_s"] > 0
+        assert record["sampling_time_s"] > 0
+        (obs,) = record["observations"]
+        assert obs["observation"] == 1 and obs["non_finite"] == 0
+        assert obs["outside_support"] == 0  # samples are mapped into the prior's box
+    # a second run adds to the file; the renderer merges and tabulates
+    bench.main(["--quick", "--tasks", "two_moons", "--models", "zuko_maf", "--out", str(out)])
+    records = bench.merge_records([out])
+    assert sorted(r["model"] for r in records) == sorted([*models, "zuko_maf"])
+    table = bench.render(records)
+    assert "two_moons" in table and "zuko_maf" in table and "ours_residual" in table
+
+
+def test_observation_ranges() -> None:
+    bench = _load()
+    assert bench.parse_observations("1-3") == [1, 2, 3]
+    assert bench.parse_observations("2,5-6") == [2, 5, 6]
+    with pytest.raises(SystemExit, match="1..10"):
+        bench.parse_observations("0-11")
