@@ -86,7 +86,7 @@ def pair_plot(flow_draws: torch.Tensor, reference: torch.Tensor, path: Path) -> 
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("a")
     axes[0].set_ylabel("b")
-    fig.suptitle(f"posterior given x_o = {X_OBS.tolist()}", fontsize=10)
+    fig.suptitle(f"posterior given x_o = ({X_OBS[0]:.2f}, {X_OBS[1]:.2f})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

@@ -231,16 +231,20 @@ def train(
     torch.manual_seed(seed)
     best, best_epoch, best_state, since, epoch = math.inf, 0, None, 0, 0
     val_curve: list[float] = []
+    train_curve: list[float] = []
     started = time.perf_counter()
     while epoch < max_epochs and since < stop_after_epochs:
         epoch += 1
         model.train()
+        total = 0.0
         for batch in train_idx[torch.randperm(len(train_idx))].split(batch_size):
             loss = -model.log_prob(theta[batch], x[batch]).mean()
             optim.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, clip_max_norm)
             optim.step()
+            total += float(loss) * len(batch)
+        train_curve.append(total / len(train_idx))
         model.eval()
         with torch.no_grad():
             val = -float(model.log_prob(theta[val_idx], x[val_idx]).mean())
@@ -260,6 +264,7 @@ def train(
         "best_validation_loss": best,
         "stopped_early": since >= stop_after_epochs,
         "validation_curve": [round(v, 4) for v in val_curve],
+        "train_curve": [round(v, 4) for v in train_curve],
     }
 
 
@@ -342,8 +347,27 @@ def run_cell(
         "c2st_samples": min(args.c2st_samples, args.num_samples),
         "max_epochs": args.max_epochs,
         "loadavg_after": list(os.getloadavg()),  # a shared machine: how loaded it was
+        "git": _git_state(),
         "observations": per_obs,
     }
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit and the library files changed in the working tree (what a model ran)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "pyro_invres")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": dirty.splitlines()}
 
 
 # -- results: merge and render -----------------------------------------------------------------
@@ -419,6 +443,30 @@ def render(records: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def compare(records: list[dict[str, Any]], ours: str, peer: str) -> str:
+    """The issue's targets, ``ours`` against ``peer`` per task and budget: C2ST difference,
+    training-time and sampling-time ratios (one run each: ratios on a shared machine are
+    rough)."""
+    rows = []
+    for r in records:
+        if r["model"] != ours:
+            continue
+        p = next((q for q in records if q["model"] == peer and _key(q)[:2] == _key(r)[:2]), None)
+        if p is None:
+            continue
+        rows.append(
+            [
+                r["task"],
+                r["budget"],
+                f"{r['c2st_mean'] - p['c2st_mean']:+.3f}",
+                f"{r['train_time_s'] / p['train_time_s']:.2f}",
+                f"{r['sampling_time_s'] / p['sampling_time_s']:.2f}",
+            ]
+        )
+    headers = ["task", "budget", f"C2ST {ours} - {peer}", "train time ratio", "sampling ratio"]
+    return markdown_table(headers, rows) if rows else ""
+
+
 def parse_observations(text: str) -> list[int]:
     """``"1-10"`` or ``"1,3,5"`` to a list of sbibm observation numbers (1..10)."""
     out: list[int] = []
@@ -450,7 +498,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--markdown", default=None, help="with --render: write the tables here")
     args = parser.parse_args(argv)
     if args.render:
-        text = render(merge_records(args.render))
+        records = merge_records(args.render)
+        text = render(records)
+        targets = compare(records, "ours_residual", "zuko_nsf")
+        if targets:
+            text += "\nThe preset against zuko's NSF (issue 16's targets)\n\n" + targets + "\n"
         if args.markdown:
             Path(args.markdown).write_text(text)
         print(text)
