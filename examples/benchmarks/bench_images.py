@@ -770,7 +770,7 @@ def render(results: dict[str, Any]) -> str:
             f"### {name} ({shape}, {result['n_train']} / {result['n_validation']} / "
             f"{result['n_test']} images)\n\n"
             f"Budget: {result['budget_cpu_s_per_model']:.0f} CPU s per model in slices of "
-            f"{result['slice_cpu_s']:.0f} s; batch {result['batch_size']}, Adam "
+            f"{result['slice_cpu_s']:g} s; batch {result['batch_size']}, Adam "
             f"{result['lr']:g}.\n\n" + render_table(result) + "\n\n" + target_sentence(result)
         )
     return "\n\n".join(parts) + "\n"
