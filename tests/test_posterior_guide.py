@@ -174,3 +174,29 @@ def test_float64_model_gets_a_float64_guide():
     guide = AutoResidualFlow(model, hidden_dim=8)
     trace = pyro.poutine.trace(guide).get_trace()
     assert trace.nodes["x"]["value"].dtype == torch.float64
+
+
+def test_one_latent_dimension_trains_and_scores():
+    def model():
+        pyro.sample("s", dist.LogNormal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    guide = AutoResidualFlow(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert math.isfinite(svi.step())
+    posterior = guide.get_posterior()
+    z = posterior.sample((4,))
+    assert z.shape == (4, 1) and torch.isfinite(posterior.log_prob(z)).all()
+    names = [type(p).__name__ for p in guide.get_transform().parts]
+    assert names.count("DenseResidual") == 2 and names.count("AffineAutoregressive") == 2
+
+
+def test_blocks_can_be_ablated_and_layers_interleave():
+    names = [type(p).__name__ for p in posterior_flow(3, num_blocks=0).parts]
+    assert names == ["AffineAutoregressive", "AffineAutoregressive", "TriangularAffine"]
+    flow = posterior_flow(3, num_blocks=3, num_autoregressive=1)
+    names = [type(p).__name__ for p in flow.parts]
+    assert names == ["AffineAutoregressive"] + ["DenseResidual"] * 3 + ["TriangularAffine"]
+    # the second autoregressive layer runs in the reversed order
+    orders = [p.order.tolist() for p in posterior_flow(3).parts if hasattr(p, "order")]
+    assert orders == [[0, 1, 2], [2, 1, 0]]

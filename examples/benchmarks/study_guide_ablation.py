@@ -26,6 +26,7 @@ what it finished).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -99,7 +100,20 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="20 steps, 200 draws: a smoke test")
     parser.add_argument("--out", default=str(HERE / "results" / "guide_ablation_cpu.json"))
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="write --out as the runs of these result files together (runs made in parallel)",
+    )
     args = parser.parse_args()
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        runs = [r for p in parts for r in p["runs"]]
+        combined = {**parts[0], "runs": runs, "combined": args.combine}
+        write_json(combined, args.out)
+        print(f"wrote {args.out} ({len(combined['runs'])} runs)")
+        return
     if args.quick:
         args.steps, args.draws = 20, 200
     torch.set_num_threads(1)
