@@ -26,7 +26,6 @@ def _load():
     return module
 
 
-@pytest.mark.slow
 def test_quick_mode_writes_scored_results(tmp_path: Path) -> None:
     bench = _load()
     out = tmp_path / "sbi.json"
@@ -43,12 +42,22 @@ def test_quick_mode_writes_scored_results(tmp_path: Path) -> None:
         (obs,) = record["observations"]
         assert obs["observation"] == 1 and obs["non_finite"] == 0
         assert obs["outside_support"] == 0  # samples are mapped into the prior's box
-    # a second run adds to the file; the renderer merges and tabulates
-    bench.main(["--quick", "--tasks", "two_moons", "--models", "zuko_maf", "--out", str(out)])
-    records = bench.merge_records([out])
-    assert sorted(r["model"] for r in records) == sorted([*models, "zuko_maf"])
+    # results of several runs merge: a later file replaces an entry of the same key
+    later = dict(
+        data, results=[dict(data["results"][0], c2st_mean=0.5), {**data["results"][1], "seed": 7}]
+    )
+    other = tmp_path / "later.json"
+    other.write_text(json.dumps(later))
+    records = bench.merge_records([out, other])
+    assert len(records) == 3
+    replaced = [r for r in records if _same(r, data["results"][0])]
+    assert [r["c2st_mean"] for r in replaced] == [0.5]
     table = bench.render(records)
-    assert "two_moons" in table and "zuko_maf" in table and "ours_residual" in table
+    assert "two_moons" in table and "zuko_nsf" in table and "ours_residual" in table
+
+
+def _same(a, b):
+    return all(a[k] == b[k] for k in ("task", "budget", "model", "seed"))
 
 
 def test_observation_ranges() -> None:
