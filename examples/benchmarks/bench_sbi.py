@@ -399,8 +399,9 @@ def render(records: list[dict[str, Any]]) -> str:
         models = [m for m in MODELS if any(r["model"] == m for r in rows_b)]
         obs = sorted({len(r["observations"]) for r in rows_b})
         out.append(
-            f"**{budget:,} simulations**: C2ST mean ± standard deviation over "
-            f"{'/'.join(map(str, obs))} observation(s) (0.5 is perfect; best per task in bold)\n"
+            f"**{budget:,} simulations**: C2ST, mean ± standard deviation over "
+            f"{'/'.join(map(str, obs))} observation(s) (0.5 is perfect; best per task in bold; "
+            "(cap): ended by the epoch cap, not by early stopping)\n"
         )
         rows = []
         for task in TASKS:
@@ -413,7 +414,9 @@ def render(records: list[dict[str, Any]]) -> str:
                 if m not in cells:
                     row.append("")
                     continue
-                text = f"{cells[m]['c2st_mean']:.3f} ± {cells[m]['c2st_std']:.3f}"
+                text = f"{cells[m]['c2st_mean']:.3f}"
+                if len(cells[m]["observations"]) > 1:  # one observation has no spread
+                    text += f" ± {cells[m]['c2st_std']:.3f}"
                 if not cells[m]["stopped_early"]:
                     text += " (cap)"
                 row.append(f"**{text}**" if cells[m]["c2st_mean"] == best else text)
