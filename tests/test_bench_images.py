@@ -70,6 +70,15 @@ def test_quick_run_writes_json_and_figures(tmp_path):
         assert png.stat().st_size < 150_000
     text = bi.render(saved)
     assert "| Residual flow (`residual_flow` preset) |" in text and "CPU ms/step" in text
+    # merged results keep the run's command; the tables land between the page's markers
+    merged = bi.merge([saved])
+    assert merged["datasets"]["digits"]["command"] == saved["command"]
+    doc = tmp_path / "page.md"
+    doc.write_text(f"intro\n{bi.BEGIN}\nold\n{bi.END}\noutro\n")
+    bi.render_into(doc, bi.render(merged))
+    page = doc.read_text()
+    assert "old" not in page and page.startswith("intro") and page.endswith("outro\n")
+    assert text.strip() in page
 
 
 @pytest.mark.slow
