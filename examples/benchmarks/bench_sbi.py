@@ -397,29 +397,38 @@ def render(records: list[dict[str, Any]]) -> str:
     for budget in sorted({r["budget"] for r in records}):
         rows_b = [r for r in records if r["budget"] == budget]
         models = [m for m in MODELS if any(r["model"] == m for r in rows_b)]
-        obs = sorted({len(r["observations"]) for r in rows_b})
+        counts = sorted({len(r["observations"]) for r in rows_b})
+        seeds = sorted({r["seed"] for r in rows_b})
         out.append(
             f"**{budget:,} simulations**: C2ST, mean ± standard deviation over "
-            f"{'/'.join(map(str, obs))} observation(s) (0.5 is perfect; best per task in bold; "
-            "(cap): ended by the epoch cap, not by early stopping)\n"
+            f"{'/'.join(map(str, counts))} observation(s) and {len(seeds)} seed(s) "
+            "(0.5 is perfect; best per task in bold; (cap): ended by the epoch cap, not by "
+            "early stopping)\n"
         )
         rows = []
         for task in TASKS:
-            cells = {r["model"]: r for r in rows_b if r["task"] == task}
+            cells: dict[str, list[float]] = {}
+            capped: set[str] = set()
+            for r in rows_b:
+                if r["task"] == task:  # seeds and observations pooled
+                    cells.setdefault(r["model"], []).extend(o["c2st"] for o in r["observations"])
+                    if not r["stopped_early"]:
+                        capped.add(r["model"])
             if not cells:
                 continue
-            best = min(c["c2st_mean"] for c in cells.values())
+            means = {m: statistics.fmean(v) for m, v in cells.items()}
+            best = min(means.values())
             row: list[Any] = [task]
             for m in models:
                 if m not in cells:
                     row.append("")
                     continue
-                text = f"{cells[m]['c2st_mean']:.3f}"
-                if len(cells[m]["observations"]) > 1:  # one observation has no spread
-                    text += f" ± {cells[m]['c2st_std']:.3f}"
-                if not cells[m]["stopped_early"]:
+                text = f"{means[m]:.3f}"
+                if len(cells[m]) > 1:  # a single score has no spread
+                    text += f" ± {statistics.stdev(cells[m]):.3f}"
+                if m in capped:
                     text += " (cap)"
-                row.append(f"**{text}**" if cells[m]["c2st_mean"] == best else text)
+                row.append(f"**{text}**" if means[m] == best else text)
             rows.append(row)
         out.append(markdown_table(["task", *models], rows) + "\n")
     out.append(
@@ -431,6 +440,7 @@ def render(records: list[dict[str, Any]]) -> str:
             r["task"],
             r["budget"],
             r["model"],
+            r["seed"],
             f"{r['train_time_s']:.1f}",
             f"{r['epochs']} ({r['best_epoch']})",
             f"{r['sampling_time_s']:.2f}",
@@ -440,7 +450,8 @@ def render(records: list[dict[str, Any]]) -> str:
     ]
     out.append(
         markdown_table(
-            ["task", "budget", "model", "train s", "epochs (best)", "sample s", "params"], rows
+            ["task", "budget", "model", "seed", "train s", "epochs (best)", "sample s", "params"],
+            rows,
         )
     )
     return "\n".join(out) + "\n"
@@ -454,19 +465,34 @@ def compare(records: list[dict[str, Any]], ours: str, peer: str) -> str:
     for r in records:
         if r["model"] != ours:
             continue
-        p = next((q for q in records if q["model"] == peer and _key(q)[:2] == _key(r)[:2]), None)
+        p = next(
+            (
+                q
+                for q in records
+                if q["model"] == peer and _key(q)[:2] == _key(r)[:2] and q["seed"] == r["seed"]
+            ),
+            None,
+        )
         if p is None:
             continue
         rows.append(
             [
                 r["task"],
                 r["budget"],
+                r["seed"],
                 f"{r['c2st_mean'] - p['c2st_mean']:+.3f}",
                 f"{r['train_time_s'] / p['train_time_s']:.2f}",
                 f"{r['sampling_time_s'] / p['sampling_time_s']:.2f}",
             ]
         )
-    headers = ["task", "budget", f"C2ST {ours} - {peer}", "train time ratio", "sampling ratio"]
+    headers = [
+        "task",
+        "budget",
+        "seed",
+        f"C2ST {ours} - {peer}",
+        "train time ratio",
+        "sampling ratio",
+    ]
     return markdown_table(headers, rows) if rows else ""
 
 
