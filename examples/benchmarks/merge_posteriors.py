@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="result JSON files of bench_posteriors.py")
     p.add_argument("--out", required=True, help="merged JSON (its draws go next to it)")
     p.add_argument("--drop-neutra", action="store_true", help="variational results only")
+    p.add_argument("--no-draws", action="store_true", help="leave the guide draws out")
     args = p.parse_args(argv)
     paths = [Path(r) for r in args.runs]
     try:
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         data = merge(runs, [str(x) for x in paths], args.drop_neutra)
         out = Path(args.out)
         sides = [x.with_name(x.stem + "_draws.npz") for x in paths]
-        draws = merge_draws([x for x in sides if x.exists()])
+        draws = {} if args.no_draws else merge_draws([x for x in sides if x.exists()])
     except (ValueError, OSError) as err:
         p.error(str(err))
+    data["settings"]["draws_file"] = None
     if draws:
         side = out.with_name(out.stem + "_draws.npz")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--neutra-json",
         nargs="*",
-        default=[
-            str(RESULTS / "posteriors_neutra_schools_cpu.json"),
-            str(RESULTS / "posteriors_neutra_funnel_cpu.json"),
-        ],
+        default=[str(RESULTS / "posteriors_lr_neutra_cpu.json")],
     )
     p.add_argument("--out-dir", default=str(FIGURES))
     p.add_argument("--points", type=int, default=1000, help="draws per scatter (each side)")

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "--json",
         nargs="+",
         default=[
+            str(HERE / "results" / "posteriors_lr_cpu.json"),
+            str(HERE / "results" / "posteriors_lr_neutra_cpu.json"),
             str(HERE / "results" / "posteriors_cpu.json"),
             str(HERE / "results" / "posteriors_neutra_schools_cpu.json"),
             str(HERE / "results" / "posteriors_neutra_funnel_cpu.json"),
