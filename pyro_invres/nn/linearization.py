@@ -48,12 +48,32 @@ class Linearization:
     """
 
     def __init__(self, steps: Sequence[tuple]) -> None:
-        self.steps = list(steps)
-        # the same steps without their graph, for the products that need no gradient
-        self.detached = [
-            (kind, a.detach(), b.detach() if isinstance(b, Tensor) else b)
-            for kind, a, b in self.steps
-        ]
+        self._steps = list(steps)
+        self._detached: list[tuple] | None = None
+
+    @property
+    def steps(self) -> list[tuple]:
+        """The factors, from the input to the output, with their graph."""
+        if any(kind == "lazy" for kind, _, _ in self._steps):
+            # slopes deferred by ``linearize_sequential(lazy=True)``: from the kept
+            # pre-activations, now that a product is asked for
+            self._steps = [
+                ("act", forward_with_slope(a, b)[1], int(getattr(a, "expansion", 1)))
+                if kind == "lazy"
+                else (kind, a, b)
+                for kind, a, b in self._steps
+            ]
+        return self._steps
+
+    @property
+    def detached(self) -> list[tuple]:
+        """The same factors without their graph, for the products that need no gradient."""
+        if self._detached is None:
+            self._detached = [
+                (kind, a.detach(), b.detach() if isinstance(b, Tensor) else b)
+                for kind, a, b in self.steps
+            ]
+        return self._detached
 
     @staticmethod
     def _vjp(steps: Sequence[tuple], u: Tensor) -> Tensor:
@@ -76,7 +96,7 @@ class Linearization:
 
 
 def linearize_sequential(
-    layers: nn.Sequential, x: Tensor, gains: Tensor | None = None
+    layers: nn.Sequential, x: Tensor, gains: Tensor | None = None, lazy: bool = False
 ) -> tuple[Tensor, Linearization]:
     """Run dense ``layers`` on ``x`` as their ``forward`` does and keep their Jacobian.
 
@@ -84,6 +104,12 @@ def linearize_sequential(
     computed by the same operations as the layers' own forward passes, so it is the same
     tensor as ``layers(x)`` (with ``gains``: as :class:`~pyro_invres.nn.LipschitzMLP`
     applies them, to each linear layer's input).
+
+    With ``lazy=True`` the activations run their plain forward and only their inputs are
+    kept (the graph saves them anyway); the slopes are computed when a product is first
+    asked for. A stack of blocks evaluates every block before any log-det, so eager
+    slopes (and their graph) of all blocks would be alive at once: the memory-saving
+    gradient mode, which frees each block's log-det graph at once, defers them.
 
     Example:
         >>> import torch
@@ -108,6 +134,9 @@ def linearize_sequential(
             weight = layer.weight  # one read: the spectral parametrization runs once
             h = F.linear(h, weight, layer.bias)
             steps.append(("linear", weight, gain))
+        elif lazy:
+            steps.append(("lazy", layer, h))
+            h = layer(h)
         else:
             h, slope = forward_with_slope(layer, h)
             steps.append(("act", slope, int(getattr(layer, "expansion", 1))))

@@ -190,14 +190,15 @@ class LipschitzMLP(nn.Module):
         h, tangents = _forward_with_tangents(self.net, x, self.gains())
         return h, tangents.transpose(-1, -2)
 
-    def linearize(self, x: Tensor) -> tuple[Tensor, Linearization]:
+    def linearize(self, x: Tensor, lazy: bool = False) -> tuple[Tensor, Linearization]:
         """``g(x)`` and its Jacobian at ``x`` kept as explicit factors.
 
         The output is the same tensor :meth:`forward` computes; the
         :class:`~pyro_invres.nn.linearization.Linearization` then gives vector-Jacobian
         products ``u^T J_g(x)`` as ``L`` matrix products, without autograd, or
         differentiably (one plain backward, no double backward). The i-ResNet block uses
-        it for the Neumann-gradient log-det estimators.
+        it for the Neumann-gradient log-det estimators; ``lazy=True`` defers the slopes to
+        the first product (see :func:`~pyro_invres.nn.linearization.linearize_sequential`).
 
         Example:
             >>> import torch
@@ -207,7 +208,7 @@ class LipschitzMLP(nn.Module):
             >>> torch.equal(gx, g(x)), lin.vjp(torch.randn(4, 3, 2)).shape
             (True, torch.Size([4, 3, 2]))
         """
-        return linearize_sequential(self.net, x, self.gains())
+        return linearize_sequential(self.net, x, self.gains(), lazy=lazy)
 
     def can_linearize(self) -> bool:
         """Whether :meth:`linearize` covers this network (every activation has slopes and

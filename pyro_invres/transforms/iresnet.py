@@ -559,7 +559,10 @@ class InvertibleResidual(InvertibleModule):
 
     def _forward_gradient_logdet(self, z: Tensor, memo: _Memo, method: str, seed: int) -> Tensor:
         zc, gz, jac = memo
-        lin = jac if isinstance(jac, Linearization) else None
+        # the memo's kept factors serve the forward-pass estimate only: the closure must not
+        # hold them (and the slopes' graph) until the backward, which would undo this
+        # mode's memory saving
+        first = [jac if isinstance(jac, Linearization) else None]
         rebuilt: dict[str, Any] = {}
 
         def rebuild() -> tuple[Tensor, Tensor]:
@@ -569,9 +572,10 @@ class InvertibleResidual(InvertibleModule):
 
         def estimate(x: Tensor, gx: Tensor, generator: torch.Generator) -> Tensor:
             # the kept factors of the g(x) being differentiated (the memo's, or a rebuilt one)
-            use = lin
-            if gx is not gz:
-                use = rebuilt.pop("lin", None) if rebuilt.get("gx") is gx else None
+            if gx is gz:
+                use, first[0] = first[0], None
+            else:
+                use = rebuilt.pop("lin", None) if rebuilt.pop("gx", None) is gx else None
             return self._estimate(x, gx, generator, method=method, differentiable=True, lin=use)
 
         return logdet_with_forward_gradient(
@@ -625,7 +629,9 @@ class InvertibleResidual(InvertibleModule):
             # the stochastic log-det's vector-Jacobian products as explicit matrix products
             # of the kept weights and slopes: no autograd traversal per term, and the
             # gradient is one plain backward instead of a double backward
-            gz, lin = self.nn.linearize(zc)
+            # the memory-saving mode defers the slopes to its log-det: a flow runs every
+            # block before any log-det, and eager slopes would all be alive at once
+            gz, lin = self.nn.linearize(zc, lazy=self._gradient == "forward")
             return zc, gz, lin
         return zc, self.nn(zc), None
 
