@@ -397,13 +397,11 @@ def render(records: list[dict[str, Any]]) -> str:
     for budget in sorted({r["budget"] for r in records}):
         rows_b = [r for r in records if r["budget"] == budget]
         models = [m for m in MODELS if any(r["model"] == m for r in rows_b)]
-        counts = sorted({len(r["observations"]) for r in rows_b})
-        seeds = sorted({r["seed"] for r in rows_b})
         out.append(
-            f"**{budget:,} simulations**: C2ST, mean ± standard deviation over "
-            f"{'/'.join(map(str, counts))} observation(s) and {len(seeds)} seed(s) "
-            "(0.5 is perfect; best per task in bold; (cap): ended by the epoch cap, not by "
-            "early stopping)\n"
+            f"**{budget:,} simulations**: C2ST, mean ± standard deviation over the "
+            "observations and seeds of each cell (the cost table lists the runs; 0.5 is "
+            "perfect; best per task in bold; (cap): ended by the epoch cap, not by early "
+            "stopping)\n"
         )
         rows = []
         for task in TASKS:
