@@ -28,9 +28,8 @@ Written by `python examples/benchmarks/render_posteriors.py` from
 Settings: {settings}. Run on {cpu} ({threads} torch thread(s); load average at start
 {load}), commit `{commit}`{modified}.{partial}
 
-Columns: `equal_steps` gives every guide the same SVI steps; `equal_time` gives every
-guide the CPU time the `{time_ref}` guide took. IW log Z is the importance-weighted
-log-evidence from 10,000 guide draws with its Monte-Carlo standard error; k-hat is the
+Columns: `equal_steps` gives every guide the same SVI steps; {equal_time}. IW log Z is
+the importance-weighted log-evidence from 10,000 guide draws with its Monte-Carlo standard error; k-hat is the
 PSIS Pareto shape of the importance weights (below 0.7 is the usual bar); mean and sd
 errors are in reference standard deviations (maximum over the latents); the neck is the
 funnel's `v` or eight schools' `log tau` (guide sd, with the reference's in brackets).
@@ -72,7 +71,12 @@ def render(data: dict, json_name: str) -> str:
         commit=str(git.get("commit", "?"))[:10],
         modified=" with local changes" if git.get("pyro_invres_modified") else "",
         partial=partial,
-        time_ref=settings.get("time_ref", "?"),
+        equal_time=(
+            f"`equal_time` gives every guide the CPU time the `{settings.get('time_ref', '?')}` "
+            "guide took"
+            if settings.get("equal_time", True)
+            else "this run has no equal-time column (`--no-equal-time`)"
+        ),
     )
     parts = [text]
     if data.get("merged_from"):  # split by guide, joined by merge_posteriors.py
