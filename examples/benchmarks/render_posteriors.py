@@ -29,10 +29,11 @@ Settings: {settings}. Run on {cpu} ({threads} torch thread(s); load average at s
 {load}), commit `{commit}`{modified}.{partial}
 
 Columns: `equal_steps` gives every guide the same SVI steps; {equal_time}. IW log Z is
-the importance-weighted log-evidence from 10,000 guide draws with its Monte-Carlo standard error; k-hat is the
-PSIS Pareto shape of the importance weights (below 0.7 is the usual bar); mean and sd
-errors are in reference standard deviations (maximum over the latents); the neck is the
-funnel's `v` or eight schools' `log tau` (guide sd, with the reference's in brackets).
+the importance-weighted log-evidence from 10,000 guide draws with its Monte-Carlo
+standard error; k-hat is the PSIS Pareto shape of the importance weights (below 0.7 is
+the usual bar); mean and sd errors are in reference standard deviations (maximum over
+the latents); the neck is the funnel's `v` or eight schools' `log tau` (guide sd, with
+the reference's in brackets).
 Every guide's log q is exact (the i-ResNet blocks score with the exact log-det).
 """
 
