@@ -28,8 +28,9 @@ layers 0.60); on non-centred eight schools (0.48 against 0.43) and logistic regr
 spread of k-hat is about 0.1. Cost (``examples/benchmarks/bench_guide_step.py``,
 ``results/guide_step_cpu.json``, interleaved, one thread on a loaded 2-core machine): an
 SVI step costs 1.6-2.1x ``AutoIAFNormal``'s (1.2-1.5x without the blocks). The
-blocks are kept cheap for a posterior's size: one hidden layer, so the exact log-det is one batched ``D x D`` determinant, and exact spectral
-norms (one small SVD) instead of power iterations.
+blocks are kept cheap for a posterior's size: one hidden layer, so the exact log-det is
+one batched ``D x D`` determinant, and exact spectral norms (one small SVD) instead of
+power iterations.
 
 Every layer is explicit in the sampling direction, so drawing and scoring its own samples
 (ELBO, importance weights, NeuTra-HMC) never solves anything, and every log-determinant
