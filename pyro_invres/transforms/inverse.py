@@ -12,7 +12,18 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
+from .base import InvertibleModule
+
 __all__ = ["Inverse", "inverse"]
+
+
+def _has_contract(transform: Transform) -> bool:
+    """Whether ``transform`` keeps this package's block contract (``cached=`` included).
+
+    By type, not by attribute: zuko adds a ``call_and_ladj(x)`` without ``cached`` to every
+    ``torch.distributions.Transform`` when it is imported.
+    """
+    return isinstance(transform, (InvertibleModule, Inverse))
 
 
 class Inverse(TransformModule):
@@ -87,9 +98,8 @@ class Inverse(TransformModule):
             >>> torch.allclose(x2, x, atol=1e-6), torch.allclose(ladj, -ladj2, atol=1e-6)
             (True, True)
         """
-        inner = getattr(self.transform, "inverse_and_ladj", None)
-        if inner is not None:
-            out, ladj = inner(x, cached=cached)
+        if _has_contract(self.transform):
+            out, ladj = self.transform.inverse_and_ladj(x, cached=cached)
             return out, -ladj
         out = self.transform.inv(x)
         return out, -self.transform.log_abs_det_jacobian(out, x)
@@ -104,9 +114,8 @@ class Inverse(TransformModule):
             >>> x.shape, ladj.shape
             (torch.Size([2, 4]), torch.Size([2]))
         """
-        inner = getattr(self.transform, "call_and_ladj", None)
-        if inner is not None:
-            out, ladj = inner(y, cached=cached)
+        if _has_contract(self.transform):
+            out, ladj = self.transform.call_and_ladj(y, cached=cached)
             return out, -ladj
         out = self.transform(y)
         return out, -self.transform.log_abs_det_jacobian(y, out)
