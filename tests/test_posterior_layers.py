@@ -83,3 +83,11 @@ def test_dense_residual_refuses_bad_options():
         DenseResidual(3, 4, lipschitz=1.0)
     with pytest.raises(ValueError, match=">= 1"):
         DenseResidual(3, 0)
+
+
+def test_dense_residual_names_non_finite_weights_instead_of_an_svd_failure():
+    block = DenseResidual(3, 4)
+    with torch.no_grad():
+        block.layer2[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"expected finite weights.*\['layer2'\].*diverged"):
+        block(torch.randn(2, 3))

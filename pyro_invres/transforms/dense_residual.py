@@ -93,7 +93,17 @@ class DenseResidual(InvertibleModule):
         """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= c``."""
         w1, w2 = self.layer1[:, :-1], self.layer2[:, :-1]
         # both norms from one batched SVD (W2 and W2^T share their singular values)
-        sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
+        try:
+            sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
+        except torch.linalg.LinAlgError as err:  # only non-finite weights make the SVD fail
+            names = ("layer1", "layer2")
+            bad = [n for n in names if not bool(torch.isfinite(getattr(self, n)).all())]
+            raise ValueError(
+                "DenseResidual: expected finite weights, got non-finite values in "
+                f"{bad or 'a layer'} (the training diverged: lower the learning rate, clip "
+                "gradients, or restart"
+                " from a checkpoint)"
+            ) from err
         cap = torch.clamp(sigma / sigma.new_tensor([1.0, self.lipschitz]), min=1.0)
         return w1 / cap[0], w2 / cap[1]
 
