@@ -94,6 +94,16 @@ def render(data: dict, json_name: str) -> str:
             continue
         # the page's sections are level 2 (the benchmark prints level-3 headings)
         parts.append(bench.vi_table(name, res["guides"]).replace("### ", "## ", 1))
+        kept = {
+            guide: row.get("equal_steps", {}).get("train", {}).get("schedule")
+            for guide, row in res["guides"].items()
+        }
+        if len({v for v in kept.values() if v}) > 1:  # an --lr-grid run: say what each kept
+            parts.append(
+                "Schedule each guide kept (best ELBO on fresh draws): "
+                + ", ".join(f"{g} {v}" for g, v in kept.items() if v)
+                + "."
+            )
         if "neutra" in res:
             parts.append(bench.neutra_table(name, res["neutra"]).replace("### ", "## ", 1))
     return "\n\n".join(parts) + "\n"
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "--json",
         nargs="+",
         default=[
+            str(HERE / "results" / "posteriors_grid_cpu.json"),
             str(HERE / "results" / "posteriors_lr_cpu.json"),
             str(HERE / "results" / "posteriors_lr_neutra_cpu.json"),
             str(HERE / "results" / "posteriors_cpu.json"),
