@@ -243,7 +243,7 @@ def train(
             loss.backward()
             nn.utils.clip_grad_norm_(params, clip_max_norm)
             optim.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         train_curve.append(total / len(train_idx))
         model.eval()
         with torch.no_grad():
