@@ -74,9 +74,26 @@ def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _multiscale(
-    shape: Sequence[int], num_scales: int, steps_per_scale: int, step: Step, factor_out: bool
+    shape: Sequence[int],
+    num_scales: int,
+    steps_per_scale: int,
+    step: Step,
+    factor_out: bool,
+    split_prior: Callable[[tuple[int, int, int]], TransformModule] | None = None,
 ) -> ComposeTransformModule:
-    """Data-to-latent: per scale, squeeze, ``steps_per_scale`` steps, factor out half."""
+    """Data-to-latent: per scale, squeeze, ``steps_per_scale`` steps, factor out half.
+
+    ``split_prior(shape)``, if given, builds a layer run just before each factor-out on the
+    active channels: an affine coupling of the leaving (trailing) half on the kept half
+    makes the base's standard normal a learned ``N(mu(h), sigma(h)^2)`` prior for the
+    factored-out channels given the kept ones ``h`` (Glow's and Residual Flows' split
+    prior).
+    """
+    if split_prior is not None and not (factor_out and num_scales > 1):
+        raise ValueError(
+            "split_prior needs a factor-out: expected factor_out=True and num_scales >= 2, "
+            f"got factor_out={factor_out}, num_scales={num_scales}"
+        )
     c, h, w = _image_shape(shape)
     if num_scales < 1 or steps_per_scale < 1:
         raise ValueError(
@@ -94,6 +111,9 @@ def _multiscale(
             for block in step((active, h, w)):
                 to_latent.append(block if active == c else ChannelSubset(block, c))
         if factor_out and scale < num_scales - 1:
+            if split_prior is not None:
+                prior = split_prior((active, h, w))
+                to_latent.append(prior if active == c else ChannelSubset(prior, c))
             active //= 2
     return ComposeTransformModule([Inverse(t) for t in reversed(to_latent)])
 
@@ -200,6 +220,7 @@ def residual_flow(
     actnorm: bool = True,
     num_scales: int | None = None,
     factor_out: bool | None = None,
+    split_prior: bool = False,
     **kwargs: object,
 ) -> ComposeTransformModule:
     """A residual flow: i-ResNet blocks interleaved with data-initialised ActNorm.
@@ -225,6 +246,11 @@ def residual_flow(
         num_scales: images only: the number of squeezes (default 2).
         factor_out: images only: factor out half the channels after each scale but the
             last (default True).
+        split_prior: images only: a learned conditional prior for each factored-out half
+            (a zero-initialised affine coupling on the kept half, conditioners of
+            ``hidden_dims``; Glow's split prior). Measured in ``docs/images.md``: test
+            bits/dim 2.378 against 2.618 without it on 8x8 digits, 4.682 against 5.664 on
+            MNIST-5000, at equal CPU time.
         **kwargs: options of :func:`~pyro_invres.iresnet` (``lipschitz``, ``logdet``,
             ``solver``, ``activation``, ...), the same for every block.
 
@@ -256,7 +282,16 @@ def residual_flow(
 
         num_scales = 2 if num_scales is None else num_scales
         factor_out = True if factor_out is None else factor_out
-        return _multiscale(input_dim, num_scales, int(num_blocks), step, factor_out)
+
+        def prior(s: tuple[int, int, int]) -> TransformModule:
+            return affine_coupling(s, hidden_dims)  # zero-initialised: the identity at first
+
+        prior_fn = prior if split_prior else None
+        return _multiscale(input_dim, num_scales, int(num_blocks), step, factor_out, prior_fn)
+    if split_prior:
+        raise ValueError(
+            f"split_prior applies to image flows, input_dim=(C, H, W); got {input_dim}"
+        )
     for name, value in (("num_scales", num_scales), ("factor_out", factor_out)):
         if value is not None:  # an image-only option must not be silently ignored
             raise ValueError(f"{name} applies to image flows, input_dim=(C, H, W); got {input_dim}")

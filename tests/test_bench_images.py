@@ -104,7 +104,9 @@ def test_unknown_dataset_is_refused():
 
 def test_split_prior_flow_inverts():
     torch.manual_seed(0)
-    flow = bi.residual_flow_with_prior((1, 8, 8), 1, 8, explicit="forward")
+    flow = bi.residual_flow(
+        (1, 8, 8), 1, [8, 8], explicit="inverse", num_scales=bi.NUM_SCALES, split_prior=True
+    )
     z = torch.randn(5, *bi.base_shape(flow, (1, 8, 8)))
     x = flow(z)
     assert torch.allclose(flow.inv(x), z, atol=1e-4)

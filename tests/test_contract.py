@@ -242,6 +242,15 @@ CASES = [
         iterative=True,
     ),
     Case(
+        "residual_flow-image-split-prior",
+        lambda: residual_flow(
+            IMAGE, num_blocks=1, hidden_dims=[3], num_scales=2, logdet="exact", split_prior=True
+        ),
+        IMAGE,
+        image=True,
+        iterative=True,
+    ),
+    Case(
         "residual_flow-image-inverse",
         lambda: residual_flow(
             IMAGE, num_blocks=1, hidden_dims=[3], num_scales=1, logdet="exact", explicit="inverse"

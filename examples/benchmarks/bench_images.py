@@ -9,7 +9,8 @@ protocol of ``examples/digits.py``):
 * ``residual_flow_prior``: the same blocks plus, at every factor-out, a learned conditional
   prior for the factored-out half (Glow's and Residual Flows' split prior):
   ``z_out ~ N(mu(h), sigma(h)^2)`` with ``h`` the kept half, written as a bounded affine
-  coupling conditioned on ``h``; an option built here, not (yet) in ``flows.py``;
+  coupling conditioned on ``h`` (``residual_flow(..., split_prior=True)``; built in this
+  script when the recorded run was made, with the same layout and initialisation);
 * ``glow`` and ``irevnet``: the presets of :mod:`pyro_invres.flows`;
 * ``nf_glow``: normflows' ``MultiscaleFlow`` of ``GlowBlock`` (its documented Glow:
   per level ``K`` blocks then ``Squeeze``, ``Merge`` between levels, a learned per-channel
@@ -81,12 +82,7 @@ from pyro_invres.datasets import (  # noqa: E402
     load_mnist,
 )
 from pyro_invres.ops import Exact, Roulette  # noqa: E402
-from pyro_invres.transforms.actnorm import ActNorm  # noqa: E402
-from pyro_invres.transforms.coupling import affine_coupling  # noqa: E402
-from pyro_invres.transforms.downsample import InvertibleDownsampling  # noqa: E402
-from pyro_invres.transforms.inverse import Inverse  # noqa: E402
-from pyro_invres.transforms.iresnet import InvertibleResidual, iresnet  # noqa: E402
-from pyro_invres.transforms.subset import ChannelSubset  # noqa: E402
+from pyro_invres.transforms.iresnet import InvertibleResidual  # noqa: E402
 
 ALPHA = 0.05  # the logit transform's margin, as examples/digits.py
 MODELS = (
@@ -197,36 +193,6 @@ def sizes(dataset: str, quick: bool) -> dict[str, dict[str, Any]]:
 NUM_SCALES = 2  # 8 -> 4 -> 2 and 28 -> 14 -> 7
 
 
-# -- the learned split prior (an option measured here) --------------------------------------------
-def residual_flow_with_prior(
-    shape: Sequence[int], num_blocks: int, hidden: int, **block_kwargs: Any
-) -> ComposeTransformModule:
-    """The image residual flow with a learned conditional prior at each factor-out.
-
-    Data to latent, per scale: squeeze, ``num_blocks`` x (ActNorm, i-ResNet block); then,
-    before half the channels leave for the base, ``z_out -> (z_out - mu(h)) / sigma(h)``
-    with ``h`` the kept half: a standard normal on the result is the prior
-    ``N(mu(h), sigma(h)^2)`` on ``z_out`` (Glow's split prior). It is a bounded affine
-    coupling that conditions the trailing half of the channels on the leading half, zero
-    initialised (the identity, i.e. the preset, at the start).
-    """
-    c, h, w = (int(s) for s in shape)
-    to_latent: list[Any] = []
-    active = c
-    for scale in range(NUM_SCALES):
-        to_latent.append(InvertibleDownsampling((c, h, w), factor=2))
-        c, h, w, active = 4 * c, h // 2, w // 2, 4 * active
-        s = (active, h, w)
-        for _ in range(num_blocks):
-            for t in (ActNorm(active, event_dim=3), iresnet(s, [hidden, hidden], **block_kwargs)):
-                to_latent.append(t if active == c else ChannelSubset(t, c))
-        if scale < NUM_SCALES - 1:
-            prior = affine_coupling(s, [hidden, hidden])
-            to_latent.append(prior if active == c else ChannelSubset(prior, c))
-            active //= 2
-    return ComposeTransformModule([Inverse(t) for t in reversed(to_latent)])
-
-
 # -- models ---------------------------------------------------------------------------------------
 class Model:
     """One density of logit-space images ``(N, C, H, W)``: score, sample, encode, decode."""
@@ -250,12 +216,14 @@ class Model:
                 num_scales=NUM_SCALES,
             )
         elif name == "residual_flow_prior":
-            flow = residual_flow_with_prior(
+            flow = residual_flow(
                 data.shape,
                 size["num_blocks"],
-                size["hidden"],
-                explicit="forward",  # data-to-latent built: forward here is scoring
+                [size["hidden"], size["hidden"]],
+                explicit="inverse",
                 logdet=self.train_logdet,
+                num_scales=NUM_SCALES,
+                split_prior=True,
             )
         elif name == "glow":
             flow = glow(data.shape, NUM_SCALES, size["steps"], size["hidden"])
