@@ -91,3 +91,16 @@ def test_dense_residual_names_non_finite_weights_instead_of_an_svd_failure():
         block.layer2[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"expected finite weights.*\['layer2'\].*diverged"):
         block(torch.randn(2, 3))
+
+
+def test_dense_residual_inverts_large_float32_values():
+    # latents far out in a funnel's mouth round trip to within float32's relative precision
+    # (the inverse's tolerance scales with |y|)
+    torch.manual_seed(0)
+    block = DenseResidual(3, 8)
+    with torch.no_grad():
+        block.layer2.mul_(50.0)  # a trained, non-trivial branch (capped at Lip 0.9 anyway)
+    x = 1000.0 * torch.randn(256, 3)
+    y = block(x)
+    back = block.inverse(y.clone(), cached=False)
+    assert ((back - x).abs() <= 1e-4 * (1 + x.abs())).all()
