@@ -1,5 +1,7 @@
 """Reference computations shared by the tests (float64, autograd)."""
 
+import pyro
+import pytest
 import torch
 
 
@@ -51,3 +53,13 @@ def one_line_error(capsys, argv, *needles: str, status: int = 1) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+@pytest.fixture
+def restored_threads_and_param_store():
+    """Give the test torch's thread count back and leave Pyro's param store empty (the
+    benchmark scripts under test set one thread and train guides)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    pyro.clear_param_store()

@@ -9,6 +9,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from helpers import restored_threads_and_param_store  # noqa: F401  (the fixture)
 
 BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -17,13 +18,7 @@ import bench_posteriors as bp  # noqa: E402
 import posterior_models as pmod  # noqa: E402
 from posterior_reference import load_reference  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_clean_store():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("restored_threads_and_param_store")
 
 
 def test_quick_run_scores_every_column_and_writes_only_where_asked(tmp_path):

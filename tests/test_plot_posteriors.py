@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyro
 import pytest
-import torch
+from helpers import restored_threads_and_param_store  # noqa: F401  (the fixture)
 
 BENCH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -16,13 +15,7 @@ import bench_posteriors as bp  # noqa: E402
 import merge_posteriors as mp  # noqa: E402
 import plot_posteriors as pp  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("restored_threads_and_param_store")
 
 
 def quick_run(path: Path, guides: list[str], steps: int = 3) -> Path:

@@ -86,13 +86,17 @@ def _title(guide: str, res: dict, neck: str) -> str:
     return ", ".join(parts)
 
 
-def plot_schools(res: dict, draws: dict[str, np.ndarray], out: Path, points: int) -> Path:
-    model = "eight_schools_centered"
-    ref = load_reference(model)
+def _saved(model: str, res: dict, draws: dict[str, np.ndarray]) -> tuple[Any, list[str], list[str]]:
+    """The model's reference, the guides with saved draws (refusing none) and latent names."""
     guides = [g for g in res["guides"] if f"{model}/{g}" in draws]
     if not guides:
         raise ValueError(f"no saved draws for {model}")
-    names = [str(n) for n in draws[f"{model}/names"]]
+    return load_reference(model), guides, [str(n) for n in draws[f"{model}/names"]]
+
+
+def plot_schools(res: dict, draws: dict[str, np.ndarray], out: Path, points: int) -> Path:
+    model = "eight_schools_centered"
+    ref, guides, names = _saved(model, res, draws)
     fig, axes = plt.subplots(len(guides), 3, figsize=(7.5, 1.9 * len(guides)), squeeze=False)
     for row, guide in zip(axes, guides):
         got = draws[f"{model}/{guide}"]
@@ -119,11 +123,7 @@ def plot_schools(res: dict, draws: dict[str, np.ndarray], out: Path, points: int
 
 def plot_funnel(res: dict, draws: dict[str, np.ndarray], out: Path, points: int) -> Path:
     model = "funnel"
-    ref = load_reference(model)
-    guides = [g for g in res["guides"] if f"{model}/{g}" in draws]
-    if not guides:
-        raise ValueError(f"no saved draws for {model}")
-    names = [str(n) for n in draws[f"{model}/names"]]
+    ref, guides, names = _saved(model, res, draws)
     cols = min(4, len(guides))
     rows = math.ceil(len(guides) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.3 * rows), squeeze=False)
