@@ -214,3 +214,12 @@ def test_bin_assignment_at_a_knot_is_consistent():
         torch.testing.assert_close(yn, ys, atol=1e-12, rtol=0)
         torch.testing.assert_close(ldn, ld, atol=1e-9, rtol=0)
         assert ((yn - y) * math.copysign(1.0, direction) >= 0).all()  # monotone across it
+
+
+def test_single_bin_is_the_identity():
+    # K = 1: one bin spanning [-B, B] with unit slope and end derivatives 1
+    w, h, der = _params(2, k=1)
+    x = _points(3, 2, D)
+    y, ld = rq_spline(x, w, h, der, B)
+    torch.testing.assert_close(y, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ld, torch.zeros_like(ld), atol=1e-12, rtol=0)

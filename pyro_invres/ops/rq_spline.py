@@ -134,7 +134,7 @@ def rq_spline(
     xs = _knots(widths, bound, min_width).expand(*shape, k + 1)
     ys = _knots(heights, bound, min_height).expand(*shape, k + 1)
     inner = min_derivative + F.softplus(derivatives)
-    one = torch.ones_like(inner[..., :1])
+    one = inner.new_ones(*inner.shape[:-1], 1)  # not ones_like(inner[..., :1]): K = 1
     deltas = torch.cat([one, inner, one], dim=-1).expand(*shape, k + 1)
 
     inside = (x >= -bound) & (x <= bound)
