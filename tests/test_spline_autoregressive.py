@@ -30,9 +30,9 @@ def test_masked_mlp_is_autoregressive_and_sees_the_context(order: list[int] | No
     # several points: at one point a dead relu can hide a dependence the masks allow
     for _ in range(8):
         x, c = torch.randn(4), torch.randn(2)
-        jac_x = torch.autograd.functional.jacobian(lambda v: net(v, c), x)  # (4, 3, 4)
+        jac_x = torch.autograd.functional.jacobian(lambda v, c=c: net(v, c), x)  # (4, 3, 4)
         depends |= jac_x.abs().sum(1) > 0
-        jac_c = torch.autograd.functional.jacobian(lambda v: net(x, v), c)
+        jac_c = torch.autograd.functional.jacobian(lambda v, x=x: net(x, v), c)
         on_context |= jac_c.abs().sum((1, 2)) > 0
     rank = net.order
     assert torch.equal(depends, rank[:, None] > rank[None, :])
