@@ -20,6 +20,7 @@ _EXPORTS = {
         [
             "base_shape",
             "conditional_residual_flow",
+            "conditional_spline_residual_flow",
             "glow",
             "irevnet",
             "posterior_flow",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # static tools see the names as before
     from .flows import (  # noqa: F401
         base_shape,
         conditional_residual_flow,
+        conditional_spline_residual_flow,
         glow,
         irevnet,
         posterior_flow,
