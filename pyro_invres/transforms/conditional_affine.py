@@ -21,20 +21,26 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.nn import DenseNN
 from torch import Tensor
 from torch.distributions import constraints
-from torch.distributions.transforms import AffineTransform
 
+from ..nn.conditioners import ContextBound
+from .base import InvertibleModule
 from .coupling import bounded_log_scale
 
-__all__ = ["ConditionalElementwiseAffine", "conditional_elementwise_affine"]
+__all__ = [
+    "ConditionalElementwiseAffine",
+    "ConditionedElementwiseAffine",
+    "conditional_elementwise_affine",
+]
 
 
 class ConditionalElementwiseAffine(ConditionalTransformModule):
     """``z -> mu(c) + exp(s(c)) * z``, elementwise, ``mu`` and ``s`` from the context.
 
-    ``.condition(context)`` returns a :class:`~torch.distributions.transforms.AffineTransform`
-    (``event_dim=1``) whose location and scale have the context's batch shape, so one
-    context ``(C,)`` serves a batch ``(n, D)`` and contexts ``(B, C)`` serve ``(B, D)`` or
-    ``(n, B, D)``.
+    ``.condition(context)`` returns a :class:`ConditionedElementwiseAffine` whose location
+    and scale have the context's batch shape, so one context ``(C,)`` serves a batch
+    ``(n, D)`` and contexts ``(B, C)`` serve ``(B, D)`` or ``(n, B, D)``. They are
+    computed from the context at every call (not once at ``condition``), so one
+    conditioned flow can be scored and back-propagated through any number of times.
 
     Arguments:
         input_dim: ``D``.
@@ -77,7 +83,12 @@ class ConditionalElementwiseAffine(ConditionalTransformModule):
             last.weight.zero_()
             last.bias.zero_()
 
-    def condition(self, context: Tensor) -> AffineTransform:
+    def forward(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu(c), s(c))``, each ``(..., D)`` over the context's batch (``z`` unused)."""
+        loc, raw = self.nn(context)
+        return loc, bounded_log_scale(raw, self.log_scale_bound)
+
+    def condition(self, context: Tensor) -> ConditionedElementwiseAffine:
         """The affine map for ``context`` ``(..., C)``: loc and scale ``(..., D)``."""
         if not isinstance(context, Tensor) or context.dim() == 0:
             raise ValueError(f"context must be a tensor (..., {self.context_dim})")
@@ -85,15 +96,40 @@ class ConditionalElementwiseAffine(ConditionalTransformModule):
             raise ValueError(
                 f"expected a context of shape (..., {self.context_dim}), got {tuple(context.shape)}"
             )
-        loc, raw = self.nn(context)
-        scale = bounded_log_scale(raw, self.log_scale_bound).exp()
-        return AffineTransform(loc, scale, event_dim=1)
+        return ConditionedElementwiseAffine(self, context)
 
     def extra_repr(self) -> str:
         return (
             f"input_dim={self.input_dim}, context_dim={self.context_dim}, "
             f"log_scale_bound={self.log_scale_bound}"
         )
+
+
+class ConditionedElementwiseAffine(InvertibleModule):
+    """A :class:`ConditionalElementwiseAffine` bound to one context (what ``.condition`` gives).
+
+    Example:
+        >>> layer = ConditionalElementwiseAffine(2, 3, [8])
+        >>> t = layer.condition(torch.zeros(4, 3))
+        >>> t(torch.ones(5, 4, 2)).shape
+        torch.Size([5, 4, 2])
+    """
+
+    sign = 1
+
+    def __init__(self, layer: ConditionalElementwiseAffine, context: Tensor) -> None:
+        super().__init__((layer.input_dim,))
+        # a ContextBound: checks the context's batch against each input's, and the cache
+        # keys on the context it holds
+        self.bound = ContextBound(layer, context, event_dim=1)
+
+    def _call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loc, log_scale = self.bound(x)
+        return loc + log_scale.exp() * x, log_scale.sum(-1).expand(x.shape[:-1])
+
+    def _inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        loc, log_scale = self.bound(y)
+        return (y - loc) * torch.exp(-log_scale), log_scale.sum(-1).expand(y.shape[:-1])
 
 
 def conditional_elementwise_affine(

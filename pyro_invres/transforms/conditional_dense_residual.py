@@ -215,6 +215,8 @@ class ConditionedDenseResidual(InvertibleModule):
         (torch.Size([3, 2]), (2,))
     """
 
+    sign = 1  # det(I + J_g) > 0 whenever Lip_z(g) < 1, and so is its inverse's
+
     def __init__(self, layer: ConditionalDenseResidual, context: Tensor) -> None:
         super().__init__((layer.input_dim,), cache_size=layer.cache_size)
         # a ContextBound: the cache keys on the parameters and the contexts found there
