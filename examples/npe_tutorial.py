@@ -8,7 +8,7 @@ coordinate only sees ``a**2``, so the posterior has two modes (``a`` and ``-a``)
 
 Simulations come from running the model (``poutine.trace``); a
 :class:`~pyro_invres.npe.ConditionalFlow` around
-:func:`~pyro_invres.flows.conditional_residual_flow` is trained on them with
+:func:`~pyro_invres.flows.conditional_spline_residual_flow` is trained on them with
 :func:`~pyro_invres.npe.fit_conditional`, then sampled for one observation. The reference
 posterior is exact: the likelihood is Gaussian and the prior uniform, so the posterior
 density is evaluated on a fine grid and sampled from it. The figure puts the flow's draws
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from _common import add_run_arguments, run_outputs, write_results  # noqa: E402
 from pyro import poutine  # noqa: E402
 
-from pyro_invres.flows import conditional_residual_flow  # noqa: E402
+from pyro_invres.flows import conditional_spline_residual_flow  # noqa: E402
 from pyro_invres.npe import ConditionalFlow, fit_conditional  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "npe_tutorial.json"
@@ -74,7 +74,9 @@ def reference_posterior(x_o: torch.Tensor, n: int, grid: int = 801) -> torch.Ten
 def pair_plot(flow_draws: torch.Tensor, reference: torch.Tensor, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.4), sharex=True, sharey=True)
     for ax, draws, title in zip(
-        axes, (reference, flow_draws), ("reference (exact)", "NPE: conditional residual flow")
+        axes,
+        (reference, flow_draws),
+        ("reference (exact)", "NPE: conditional spline-residual flow"),
     ):
         ax.hist2d(
             draws[:, 0].numpy(),
@@ -107,7 +109,7 @@ def main() -> None:
     pyro.set_rng_seed(args.seed)
 
     theta, x = simulate(args.simulations)
-    flow = ConditionalFlow(conditional_residual_flow(2, 2), 2, 2, support=PRIOR.support)
+    flow = ConditionalFlow(conditional_spline_residual_flow(2, 2), 2, 2, support=PRIOR.support)
     fit = fit_conditional(flow, theta, x, max_epochs=args.max_epochs, progress=False)
     with torch.no_grad():
         draws = flow.condition(X_OBS).sample((10_000,))
