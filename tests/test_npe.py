@@ -68,7 +68,9 @@ def test_log_prob_integrates_to_one_over_the_box() -> None:
 def test_log_prob_is_the_change_of_variables_by_hand() -> None:
     bounded = _box_flow()
     free = ConditionalFlow(bounded.transform, 2, 3).double().eval()  # same flow, no support
-    free.load_state_dict(bounded.state_dict())
+    # the same parameters on purpose, scored without the support map: leave out the digest
+    # of the support they were trained on, which would (rightly) refuse the load
+    free.load_state_dict({k: v for k, v in bounded.state_dict().items() if k != "support_digest"})
     theta = LO + (HI - LO) * torch.rand(50, 2, dtype=torch.float64)
     x = torch.randn(50, 3, dtype=torch.float64)
     p = (theta - LO) / (HI - LO)
@@ -311,3 +313,81 @@ def test_progress_bar_runs() -> None:
     theta, x = _pairs(100)
     result = fit_conditional(_small_flow(), theta, x, max_epochs=1, progress=True)
     assert result.epochs == 1
+
+
+# -- found trying the NPE tutorial as a new user ---------------------------------------------------
+def test_the_posterior_has_the_priors_support_and_no_mass_outside() -> None:
+    flow = _small_flow()
+    q = flow.condition(torch.zeros(2))
+    assert q.support.check(torch.tensor([0.5, -0.5])) and not q.support.check(
+        torch.tensor([1.5, 0.0])
+    )
+    outside = torch.tensor([[1.5, 0.0], [0.5, 0.0]])
+    with pytest.raises(ValueError, match="support"):
+        q.log_prob(outside)  # Pyro's validation, on by default
+    q = flow.condition(torch.zeros(2))
+    q._validate_args = False
+    lp = q.log_prob(outside)
+    assert lp[0] == -math.inf and torch.isfinite(lp[1])
+    assert torch.allclose(lp[1], flow.condition(torch.zeros(2)).log_prob(outside[1]))
+
+
+def test_values_broadcast_against_a_batch_of_observations() -> None:
+    flow = _small_flow()
+    q = flow.condition(torch.randn(4, 2))
+    one = torch.tensor([0.2, -0.3])
+    lp = q.log_prob(one)
+    assert lp.shape == (4,)
+    assert torch.allclose(lp, q.log_prob(one.expand(4, 2)))
+    assert q.log_prob(one.expand(5, 1, 2)).shape == (5, 4)
+
+
+def test_a_state_dict_refuses_a_flow_on_another_support() -> None:
+    flow = _small_flow()
+    unbounded = ConditionalFlow(
+        conditional_residual_flow(2, 2, num_blocks=1, hidden_dims=[8]), 2, 2
+    )
+    with pytest.raises(RuntimeError, match="support"):
+        unbounded.load_state_dict(flow.state_dict())
+    legacy = flow.state_dict()
+    legacy.pop("support_digest")  # saved before the support was recorded: still loads
+    assert not _small_flow().load_state_dict(legacy).missing_keys
+
+
+def test_parameters_on_the_supports_boundary_are_refused() -> None:
+    theta, x = _pairs(100)
+    theta[7, 1] = -1.0  # a Uniform(-1, 1) draw of exactly the lower bound
+    with pytest.raises(ValueError, match=r"1 of 100 parameter rows lie on the boundary.*row 7"):
+        fit_conditional(_small_flow(), theta, x, progress=False)
+
+
+def test_an_existing_checkpoint_is_never_silently_replaced(tmp_path) -> None:
+    theta, x = _pairs(200)
+    path = tmp_path / "npe.pt"
+    fit_conditional(_small_flow(), theta, x, max_epochs=2, checkpoint_path=path, progress=False)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="resume=True.*overwrite=True"):
+        fit_conditional(_small_flow(), theta, x, max_epochs=1, checkpoint_path=path, progress=False)
+    assert path.read_bytes() == before
+    fit_conditional(
+        _small_flow(), theta, x, max_epochs=1, checkpoint_path=path, overwrite=True, progress=False
+    )
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_resume_applies_a_new_learning_rate(tmp_path) -> None:
+    theta, x = _pairs(200)
+    path = tmp_path / "npe.pt"
+    fit_conditional(_small_flow(), theta, x, max_epochs=2, checkpoint_path=path, progress=False)
+    fit_conditional(
+        _small_flow(),
+        theta,
+        x,
+        lr=1e-2,
+        max_epochs=3,
+        checkpoint_path=path,
+        resume=True,
+        progress=False,
+    )
+    groups = load_checkpoint(path)["optim_state"]["groups"]
+    assert groups and all(g["lr"] == 1e-2 for g in groups)

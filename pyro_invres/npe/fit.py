@@ -40,6 +40,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor
+from torch.distributions import constraints
 
 from ..checkpoint import (
     CHECKPOINT_FORMAT,
@@ -127,6 +128,29 @@ def _check_pairs(flow: ConditionalFlow, theta: Tensor, x: Tensor) -> None:
                 f"{outside} of {len(theta)} parameter rows lie outside the flow's support "
                 f"{flow.support}: the flow gives them no density"
             )
+        edge = _on_boundary(flow.support, theta)
+        if edge.any():
+            rows = edge.reshape(len(theta), -1).any(-1)
+            raise ValueError(
+                f"{int(rows.sum())} of {len(theta)} parameter rows lie on the boundary of the "
+                f"flow's support {flow.support} (first: row {int(rows.nonzero()[0])}), where its "
+                "map from R^D is infinite: they would be clamped to huge unconstrained values "
+                "and distort the z-scoring and training. Leave them out, e.g. "
+                "keep = ~(theta == lower).any(-1) & ~(theta == upper).any(-1)"
+            )
+
+
+def _on_boundary(support: Any, theta: Tensor) -> Tensor:
+    """Where ``theta`` equals a finite bound of an interval-like support (elementwise)."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    edge = torch.zeros_like(theta, dtype=torch.bool)
+    for name in ("lower_bound", "upper_bound"):
+        bound = getattr(support, name, None)
+        if bound is not None:
+            bound = torch.as_tensor(bound, dtype=theta.dtype, device=theta.device)
+            edge |= (theta == bound) & torch.isfinite(bound)
+    return edge
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -214,6 +238,7 @@ def fit_conditional(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> ConditionalFitResult:
     """Fit ``q(theta | x)`` to simulated pairs by maximum likelihood, with early stopping.
@@ -259,7 +284,12 @@ def fit_conditional(
             parameters so far and the patience counter.
         checkpoint_every: epochs between checkpoints.
         resume: continue from ``checkpoint_path`` if it exists, exactly as an uninterrupted
-            run would (a run that had stopped returns at once).
+            run would (a run that had stopped returns at once). A new ``lr``,
+            ``batch_size``, ``clip_norm``, ``stop_after_epochs`` or ``max_epochs`` applies
+            from there on (the data, split and seed must be the checkpoint's).
+        overwrite: start afresh even though ``checkpoint_path`` holds a checkpoint,
+            replacing it (without ``resume`` or ``overwrite``, an existing checkpoint is
+            refused rather than lost).
         progress: show a tqdm progress bar over epochs on stderr.
 
     Returns:
@@ -271,6 +301,8 @@ def fit_conditional(
         NonFiniteLossError: when a step's loss or the parameters after it are not finite.
         CheckpointError: when ``resume`` finds an unreadable checkpoint, or one written
             for other data or another flow.
+        FileExistsError: when ``checkpoint_path`` exists and neither ``resume`` nor
+            ``overwrite`` is given.
 
     Example:
         >>> import torch, pyro.distributions as dist
@@ -296,6 +328,11 @@ def fit_conditional(
         raise ValueError(f"lr must be positive, got {lr!r}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path")
+    if checkpoint_path is not None and not (resume or overwrite) and Path(checkpoint_path).exists():
+        raise FileExistsError(
+            f"{checkpoint_path} already holds a checkpoint: pass resume=True to continue that "
+            "run, overwrite=True to replace it, or another checkpoint_path"
+        )
     started = time.perf_counter()
     reference = flow.parameter_norm.loc
     device = reference.device if device is None else torch.device(device)
@@ -476,7 +513,11 @@ class _Run:
             flow.load_state_dict(state["flow_state"])
         except RuntimeError as err:
             raise CheckpointError(f"the checkpoint does not fit this flow: {err}") from err
-        optim.set_state(state["optim_state"])
+        optim_state = dict(state["optim_state"])
+        if optim_state.get("groups"):  # this call's learning rate, as fit_density honours it
+            lr = float(config["fit"]["lr"])
+            optim_state["groups"] = [{**g, "lr": lr} for g in optim_state["groups"]]
+        optim.set_state(optim_state)
         _set_rng_state(state["rng"])
         device = flow.parameter_norm.loc.device
         best = npe.get("best_state")

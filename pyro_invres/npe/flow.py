@@ -25,7 +25,10 @@ observed in a Pyro model like any distribution (see :func:`~pyro_invres.npe.fit_
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -44,10 +47,83 @@ from .support import support_transform
 __all__ = ["ConditionalFlow"]
 
 
+def _support_digest(support: constraints.Constraint | None) -> Tensor:
+    """Eight bytes of a SHA-256 of the support's type and bounds (as float64 numbers).
+
+    Kept as a buffer, so a state dict holds tensors only and carries which support its
+    parameters were trained on.
+    """
+    parts: list[Any] = []
+    while isinstance(support, constraints.independent):
+        parts.append(support.reinterpreted_batch_ndims)
+        support = support.base_constraint
+    parts.append(type(support).__name__)
+    for name in ("lower_bound", "upper_bound"):
+        bound = getattr(support, name, None)
+        if bound is not None:
+            parts.append((name, torch.as_tensor(bound).double().flatten().tolist()))
+    digest = hashlib.sha256(repr(parts).encode()).digest()[:8]
+    return torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+
+
 def _positive(name: str, value: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+class _Posterior(dist.TransformedDistribution):
+    """``q(theta | x)`` as :meth:`ConditionalFlow.condition` returns it.
+
+    A :class:`~pyro.distributions.TransformedDistribution` whose ``support`` is the
+    prior's (the last transform's codomain says only "real" for a scaled sigmoid), so
+    Pyro's validation refuses values outside it, and whose density is ``-inf`` there
+    when validation is off: the flow puts no mass outside the support, and a clamped
+    inverse would otherwise give such values a finite, wrong density. Values broadcast
+    against the batch of observations, as any torch distribution's do.
+    """
+
+    def __init__(
+        self,
+        base: dist.Distribution,
+        transforms: list[Transform],
+        support: constraints.Constraint | None,
+    ) -> None:
+        self._prior_support = support
+        super().__init__(base, transforms)
+
+    def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> _Posterior:
+        new = self._get_checked_instance(_Posterior, _instance)
+        new._prior_support = self._prior_support
+        return super().expand(batch_shape, _instance=new)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=1)
+    def support(self) -> constraints.Constraint:
+        if self._prior_support is None:
+            return super().support
+        return self._prior_support
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            try:
+                shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"parameters of shape {tuple(value.shape)} do not broadcast with the "
+                    f"observations' batch shape {tuple(self.batch_shape)}: give (..., D) "
+                    "values whose batch shape ends in it (or 1s)"
+                ) from None
+            if shape != value.shape[:-1]:  # a value of the right shape keeps the cache's pair
+                value = value.expand(*shape, value.shape[-1])
+        if self._prior_support is None or self._validate_args:
+            return super().log_prob(value)  # validation refuses values outside the support
+        inside = self._prior_support.check(value)
+        if bool(inside.all()):
+            return super().log_prob(value)
+        support_map = self.transforms[-1].with_cache(0)
+        safe = torch.where(inside.unsqueeze(-1), value, support_map(torch.zeros_like(value)))
+        lp = super().log_prob(safe)
+        return torch.where(inside, lp, lp.new_full((), -math.inf))
 
 
 class ConditionalFlow(nn.Module, ConditionalDistribution):
@@ -118,6 +194,9 @@ class ConditionalFlow(nn.Module, ConditionalDistribution):
         self.context_norm = Standardization(self.context_dim)
         self.support = support
         self._support_map = support_transform(support, self.input_dim)
+        self.register_buffer(
+            "support_digest", _support_digest(None if self._support_map is None else support)
+        )
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -179,16 +258,38 @@ class ConditionalFlow(nn.Module, ConditionalDistribution):
         return parts
 
     def condition(self, context: Tensor) -> dist.TransformedDistribution:
-        """``q(theta | x)`` for observations ``x`` ``(..., C)``: batch shape ``x.shape[:-1]``."""
+        """``q(theta | x)`` for observations ``x`` ``(..., C)``: batch shape ``x.shape[:-1]``.
+
+        Its ``support`` is the prior's; a value outside it is refused under Pyro's
+        validation (the default) and has density ``-inf`` without it.
+        """
         self._check_context(context)
         loc = self.parameter_norm.loc
         zeros = loc.new_zeros(()).expand(*context.shape[:-1], self.input_dim)
         base = dist.Normal(zeros, loc.new_ones(()).expand_as(zeros)).to_event(1)
-        return dist.TransformedDistribution(base, self.transforms(context))
+        support = None
+        if self._support_map is not None:
+            support = self.support
+            support = support if support.event_dim else constraints.independent(support, 1)
+        return _Posterior(base, self.transforms(context), support)
 
     def forward(self, context: Tensor) -> dist.TransformedDistribution:
         """:meth:`condition`, so that ``flow(x)`` is the distribution (as zuko's flows)."""
         return self.condition(context)
+
+    # -- the support travels with the state dict ---------------------------------------------
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        key = prefix + "support_digest"
+        saved = state_dict.get(key)
+        if saved is None:  # saved before the support was recorded: loads as it always did
+            state_dict[key] = self.support_digest
+        elif not torch.equal(saved.cpu(), self.support_digest.cpu()):
+            raise RuntimeError(
+                "the state dict was saved from a flow on another support than this flow's "
+                f"({self.support}): build it with the same support= as the flow that was "
+                "trained (its parameters live on that support's unconstrained side)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- z-scoring ------------------------------------------------------------------------------
     @torch.no_grad()
