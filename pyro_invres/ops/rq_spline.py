@@ -38,6 +38,18 @@ from torch import Tensor
 __all__ = ["rq_spline"]
 
 
+def _softmax(x: Tensor) -> Tensor:
+    """``softmax(x, -1)`` in elementary ops: faster than torch's kernel, forward and backward,
+    over the few bins of a spline on the CPU (measured with torch 2.13, single thread)."""
+    e = torch.exp(x - x.detach().amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """``log(1 + e^x)``, stable, in elementary ops (faster than ``F.softplus`` here, too)."""
+    return torch.relu(x) + torch.log1p(torch.exp(-x.abs()))
+
+
 def _knots(unnormalised: Tensor, bound: float, minimum: float) -> Tensor:
     """Knot positions ``(..., K + 1)`` from ``-bound`` to ``+bound`` for unnormalised bin sizes.
 
@@ -48,7 +60,7 @@ def _knots(unnormalised: Tensor, bound: float, minimum: float) -> Tensor:
     k = unnormalised.shape[-1]
     if minimum * k >= 1.0:
         raise ValueError(f"minimum bin size {minimum} times {k} bins must be below 1")
-    fractions = minimum + (1.0 - minimum * k) * torch.softmax(unnormalised, dim=-1)
+    fractions = minimum + (1.0 - minimum * k) * _softmax(unnormalised)
     knots = F.pad(torch.cumsum(fractions, dim=-1), (1, 0))
     knots = 2.0 * bound * knots - bound
     knots = torch.cat(
@@ -133,7 +145,7 @@ def rq_spline(
     x = x.expand(shape)
     xs = _knots(widths, bound, min_width).expand(*shape, k + 1)
     ys = _knots(heights, bound, min_height).expand(*shape, k + 1)
-    inner = min_derivative + F.softplus(derivatives)
+    inner = min_derivative + _softplus(derivatives)
     one = inner.new_ones(*inner.shape[:-1], 1)  # not ones_like(inner[..., :1]): K = 1
     deltas = torch.cat([one, inner, one], dim=-1).expand(*shape, k + 1)
 
