@@ -26,8 +26,9 @@ earn little (0.66 against 0.69; ``AutoIAFNormal`` 0.86 over seeds 1-2, with two
 layers 0.60); on non-centred eight schools (0.48 against 0.43) and logistic regression
 (one seed: 0.53 against 0.50, ``AutoIAFNormal`` 0.70) they earn nothing. The seed-to-seed
 spread of k-hat is about 0.1. Cost (``examples/benchmarks/bench_guide_step.py``,
-``results/guide_step_cpu.json``, interleaved, one thread on a loaded 2-core machine): an
-SVI step costs 1.6-2.1x ``AutoIAFNormal``'s (1.2-1.5x without the blocks). The
+``results/guide_step_cpu.json``, interleaved, one thread's CPU time): an SVI step costs
+1.7-1.9x ``AutoIAFNormal``'s at ``D = 10`` and 23, 2.2x at ``D = 31`` (1.2-1.4x without
+the blocks). The
 blocks are kept cheap for a posterior's size: one hidden layer, so the exact log-det is
 one batched ``D x D`` determinant, and exact spectral norms (one small SVD) instead of
 power iterations.

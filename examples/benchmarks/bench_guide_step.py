@@ -90,6 +90,13 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(models.MODELS), help="comma-separated")
     parser.add_argument("--guides", default=",".join(GUIDES), help="comma-separated; iaf first")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this thread's CPU time (one thread: the step's work, however "
+        "loaded the machine)",
+    )
     args = parser.parse_args()
     args.reps = args.reps if args.reps is not None else (5 if args.quick else 100)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
@@ -106,6 +113,7 @@ def main() -> None:
         "particles": PARTICLES,
         "reps": args.reps,
         "warmup": args.warmup,
+        "clock": args.clock,
         "models": {},
     }
     rows = []
@@ -114,7 +122,9 @@ def main() -> None:
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         steps = {label: make_step(spec, label) for label in labels}
-        timing = interleaved_timing(steps, device, reps=args.reps, warmup=args.warmup)
+        timing = interleaved_timing(
+            steps, device, reps=args.reps, warmup=args.warmup, clock=args.clock
+        )
         entry = {"dim": spec.dim, "ms_median": {}, "ratio_to_iaf": {}}
         for label in labels:
             entry["ms_median"][label] = 1e3 * timing["impls"][label]["total"]["median"]
