@@ -563,9 +563,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "--render", nargs="+", default=None, help="merge these result files and print tables"
     )
     parser.add_argument("--markdown", default=None, help="with --render: write the tables here")
+    parser.add_argument(
+        "--merged", default=None, help="with --render: also write the merged records (JSON) here"
+    )
     args = parser.parse_args(argv)
     if args.render:
         records = merge_records(args.render)
+        if args.merged:
+            import json
+
+            runs = []
+            for path in args.render:
+                data = json.loads(Path(path).read_text())
+                runs += data.get("runs") or [
+                    {k: data[k] for k in ("command", "env", "settings") if k in data}
+                ]
+            merged = {"benchmark": "bench_sbi", "merged_from": runs, "results": records}
+            write_json(merged, Path(args.merged))
         text = render(records)
         targets = compare(records, PRESET, "zuko_nsf")
         if targets:
