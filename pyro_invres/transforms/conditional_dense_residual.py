@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from ..nn.conditioners import ContextBound, _check_context
 from .base import InvertibleModule
+from .dense_residual import capped_weights
 
 __all__ = ["ConditionalDenseResidual", "ConditionedDenseResidual", "conditional_dense_residual"]
 
@@ -132,11 +133,7 @@ class ConditionalDenseResidual(ConditionalTransformModule):
                 f"{bad} (the training diverged: lower the learning rate, clip gradients, or "
                 "restart from a checkpoint)"
             )
-        w1, w2 = self.layer1[:, :-1], self.layer2[:, :-1]
-        # both norms from one batched SVD (W2 and W2^T share their singular values)
-        sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
-        cap = torch.clamp(sigma / sigma.new_tensor([1.0, self.lipschitz]), min=1.0)
-        return w1 / cap[0], w2 / cap[1]
+        return capped_weights(self.layer1[:, :-1], self.layer2[:, :-1], self.lipschitz)
 
     def _weights(self, context: Tensor) -> _Weights:
         """The capped weights and the hidden shift ``V c + b1``: once per call."""

@@ -34,7 +34,24 @@ from torch.nn import functional as F
 
 from .base import InvertibleModule
 
-__all__ = ["DenseResidual", "dense_residual"]
+__all__ = ["DenseResidual", "capped_weights", "dense_residual"]
+
+
+def capped_weights(w1: Tensor, w2: Tensor, lipschitz: float) -> tuple[Tensor, Tensor]:
+    """``(W1 / max(1, ||W1||_2), W2 / max(1, ||W2||_2 / c))``: ``Lip(W2 a(W1 x)) <= c``.
+
+    Both spectral norms come from one batched SVD (``W2`` and ``W2^T`` share their
+    singular values), exactly, so the bound holds at every step with no iteration state.
+    Raises ``torch.linalg.LinAlgError`` for non-finite weights (the SVD fails).
+
+    Example:
+        >>> w1, w2 = capped_weights(3 * torch.eye(2), torch.eye(2), 0.5)
+        >>> torch.linalg.matrix_norm(w1, ord=2).item(), torch.linalg.matrix_norm(w2, ord=2).item()
+        (1.0, 0.5)
+    """
+    sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
+    cap = torch.clamp(sigma / sigma.new_tensor([1.0, lipschitz]), min=1.0)
+    return w1 / cap[0], w2 / cap[1]
 
 
 class DenseResidual(InvertibleModule):
@@ -91,10 +108,8 @@ class DenseResidual(InvertibleModule):
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= c``."""
-        w1, w2 = self.layer1[:, :-1], self.layer2[:, :-1]
-        # both norms from one batched SVD (W2 and W2^T share their singular values)
         try:
-            sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
+            return capped_weights(self.layer1[:, :-1], self.layer2[:, :-1], self.lipschitz)
         except torch.linalg.LinAlgError as err:  # only non-finite weights make the SVD fail
             names = ("layer1", "layer2")
             bad = [n for n in names if not bool(torch.isfinite(getattr(self, n)).all())]
@@ -104,8 +119,6 @@ class DenseResidual(InvertibleModule):
                 "gradients, or restart"
                 " from a checkpoint)"
             ) from err
-        cap = torch.clamp(sigma / sigma.new_tensor([1.0, self.lipschitz]), min=1.0)
-        return w1 / cap[0], w2 / cap[1]
 
     def _branch(self, x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
         """``g(x)`` and ``tanh'`` at the hidden pre-activation."""

@@ -46,10 +46,19 @@ __all__ = [
 _MIN_DERIVATIVE = 1e-3
 
 
-def _identity_bias(count_bins: int) -> Tensor:
-    """Output bias making the spline the identity: equal bins, every derivative 1."""
+def _spline_net(
+    input_dim: int,
+    count_bins: int,
+    hidden_dims: Sequence[int],
+    context_dim: int,
+    order: Tensor | Sequence[int] | None,
+) -> MaskedMLP:
+    """The masked network of a spline layer, whose output bias makes the layer the
+    identity at first: equal bins and every derivative 1."""
+    k = int(count_bins)
     derivative = math.log(math.expm1(1.0 - _MIN_DERIVATIVE))  # softplus^-1(1 - min)
-    return torch.cat([torch.zeros(2 * count_bins), torch.full((count_bins - 1,), derivative)])
+    bias = torch.cat([torch.zeros(2 * k), torch.full((k - 1,), derivative)])
+    return MaskedMLP(input_dim, 3 * k - 1, hidden_dims, context_dim, order, out_bias=bias)
 
 
 class SplineAutoregressive(InvertibleModule):
@@ -163,10 +172,7 @@ class ConditionalSplineAutoregressive(ConditionalTransformModule):
         super().__init__()
         if isinstance(context_dim, bool) or int(context_dim) != context_dim or context_dim < 1:
             raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
-        self.nn = MaskedMLP(
-            input_dim, 3 * int(count_bins) - 1, hidden_dims, int(context_dim), order,
-            out_bias=_identity_bias(int(count_bins)),
-        )  # fmt: skip
+        self.nn = _spline_net(input_dim, count_bins, hidden_dims, int(context_dim), order)
         self.count_bins, self.bound = int(count_bins), float(bound)
         # check the arguments once, here, as the bound layers would
         SplineAutoregressive(self.nn, self.count_bins, self.bound)
@@ -192,11 +198,9 @@ def spline_autoregressive(
         >>> spline_autoregressive(4, [32]).nn.params_per_dim
         23
     """
-    net = MaskedMLP(
-        input_dim, 3 * int(count_bins) - 1, hidden_dims, 0, order,
-        out_bias=_identity_bias(int(count_bins)),
-    )  # fmt: skip
-    return SplineAutoregressive(net, count_bins, bound)
+    return SplineAutoregressive(
+        _spline_net(input_dim, count_bins, hidden_dims, 0, order), count_bins, bound
+    )
 
 
 def conditional_spline_autoregressive(
