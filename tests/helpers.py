@@ -1,5 +1,10 @@
 """Reference computations shared by the tests (float64, autograd)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pyro
 import pytest
 import torch
@@ -63,3 +68,20 @@ def restored_threads_and_param_store():
     yield
     torch.set_num_threads(threads)
     pyro.clear_param_store()
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+
+
+def load_benchmark(name: str, module_name: str | None = None) -> ModuleType:
+    """``examples/benchmarks/<name>.py`` as a module (its folder on the path while it loads,
+    for its ``from common import ...``), without running its ``main``."""
+    path = BENCHMARKS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name or name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

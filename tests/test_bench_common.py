@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "common.py"
-_SPEC = importlib.util.spec_from_file_location("bench_common_under_test", _PATH)
-_COMMON = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(_COMMON)
+_COMMON = load_benchmark("common", "bench_common_under_test")
 PhaseTimer, interleaved_timing = _COMMON.PhaseTimer, _COMMON.interleaved_timing
 
 

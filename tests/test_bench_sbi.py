@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 pytest.importorskip("sbibm", reason="bench_sbi needs sbibm (pip install --no-deps sbibm)")
 pytest.importorskip("zuko", reason="bench_sbi compares against zuko's flows")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "bench_sbi.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_sbi", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_benchmark("bench_sbi")
 
 
 def test_quick_mode_writes_scored_results(tmp_path: Path) -> None:
