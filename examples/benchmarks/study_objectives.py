@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, choices=models.MODELS)
     p.add_argument("--guide", default="residual", choices=sorted(bp.guide_factories()))
-    p.add_argument("--objective", default="kl", help="'kl' (Trace_ELBO) or Renyi's alpha")
+    p.add_argument(
+        "--objective",
+        default="kl",
+        help="'kl' (Trace_ELBO), Renyi's alpha, or 'kl>ALPHA': reverse KL for the first "
+        "--switch of the steps, then Renyi's alpha from that fit (a warm start)",
+    )
+    p.add_argument("--switch", type=float, default=0.5, help="with 'kl>ALPHA': KL's share")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=None, help="initial rate (default the benchmark's)")
     p.add_argument("--seed", type=int, default=0)
@@ -54,20 +60,26 @@ def main(argv: list[str] | None = None) -> dict:
         vectorize_particles=True,
         max_plate_nesting=models.MAX_PLATE_NESTING,
     )
-    if args.objective == "kl":
-        elbo = Trace_ELBO(**kw)
-    else:
-        elbo = RenyiELBO(alpha=float(args.objective), **kw)
+    first, _, then = args.objective.partition(">")
+    elbos = [Trace_ELBO(**kw) if first == "kl" else RenyiELBO(alpha=float(first), **kw)]
+    if then:
+        if first != "kl":
+            raise ValueError(f"a warm start begins with 'kl', got {args.objective!r}")
+        elbos.append(RenyiELBO(alpha=float(then), **kw))
+    switch = round(args.switch * args.steps) if then else args.steps
     lr = bp.LR if args.lr is None else args.lr
     # the benchmark's schedule: ClippedAdam decaying tenfold over the steps
     optim = bp.Schedule(lr, lr * bp.LR_FINAL / bp.LR).optimizer(args.steps)
-    svi = SVI(spec.model, guide, optim, elbo)
+    # one optimizer for both phases: Adam's moments carry over the switch
+    svis = [SVI(spec.model, guide, optim, elbo) for elbo in elbos]
     start = time.process_time()
     row: dict = {"model": args.model, "guide": args.guide, "objective": args.objective, "lr": lr}
     row.update(seed=args.seed, steps=args.steps, env=env_info(torch.device("cpu")))
+    if then:
+        row["switch"] = switch
     try:
-        for _ in range(args.steps):
-            svi.step()
+        for step in range(args.steps):
+            svis[step >= switch].step()
         row["cpu_s"] = time.process_time() - start
         metrics = bp.evaluate(spec, guide, ref, 10_000)
         metrics.pop("_draws", None)
