@@ -1,5 +1,6 @@
 """The spectral-norm refresh: exact for small layers, Lanczos on the smaller side otherwise."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,43 @@ def test_thin_layer_closed_form_matches_eigh():
         top = _top_gram_vector(gram)
         assert abs(np.linalg.norm(top) - 1.0) < 1e-12
         assert abs(top @ gram @ top - np.linalg.eigvalsh(gram)[-1]) <= 1e-12 * max(1.0, gram.max())
+
+
+def _tridiagonal(k: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    tri = np.zeros((size, size))
+    diag, off = rng.standard_normal(k), rng.standard_normal(k - 1)
+    tri[np.arange(k), np.arange(k)] = diag
+    tri[np.arange(k - 1), np.arange(1, k)] = off
+    tri[np.arange(1, k), np.arange(k - 1)] = off
+    return tri
+
+
+def test_the_ritz_pair_is_numpys_eigh_bit_for_bit():
+    # the Lanczos step calls LAPACK through numpy's ufunc directly (no wrapper overhead):
+    # the same routine, so the same bits as np.linalg.eigvalsh / eigh on the top-left block
+    rng = np.random.default_rng(0)
+    for k in range(2, 33):
+        for _ in range(20):
+            tri = _tridiagonal(k, rng)
+            block = tri[:k, :k]
+            if k > 2:  # two steps have their closed form
+                assert spectral._top_eigenvalue(tri, k) == float(np.linalg.eigvalsh(block)[-1])
+            expected = np.ascontiguousarray(np.linalg.eigh(block)[1][:, -1])
+            assert np.array_equal(spectral._top_eigenvector(tri, k), expected)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_non_finite_tridiagonal_gets_numpys_own_answer():
+    # (the direct call warns of the NaN before handing over to numpy's public function)
+    tri = _tridiagonal(5, np.random.default_rng(1))
+    tri[2, 2] = np.nan
+    try:
+        expected: object = float(np.linalg.eigvalsh(tri[:5, :5])[-1])
+    except np.linalg.LinAlgError:
+        expected = np.linalg.LinAlgError
+    if expected is np.linalg.LinAlgError:
+        with pytest.raises(np.linalg.LinAlgError):
+            spectral._top_eigenvalue(tri, 5)
+    else:
+        got = spectral._top_eigenvalue(tri, 5)
+        assert got == expected or (np.isnan(got) and np.isnan(expected))

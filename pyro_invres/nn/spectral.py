@@ -131,13 +131,33 @@ def _normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
     return v / v.norm().clamp_min(eps)
 
 
+# ``np.linalg.eigvalsh`` is a Python wrapper (type checks, an error-state context) around
+# this generalized ufunc; a Lanczos step calls it once, on at most 32 x 32 float64, where
+# the wrapper cost as much as LAPACK itself (11 us against 6 per call). The same LAPACK
+# routine (syevd, lower triangle) gives the same eigenvalues; the public function is the
+# fallback should numpy move its private module.
+try:
+    from numpy.linalg import _umath_linalg
+
+    _EIGVALSH_LO = _umath_linalg.eigvalsh_lo
+    _EIGH_LO = _umath_linalg.eigh_lo
+except (ImportError, AttributeError):  # pragma: no cover - depends on numpy's internals
+    _EIGVALSH_LO = _EIGH_LO = None
+
+
 def _top_eigenvalue(tri: np.ndarray, k: int) -> float:
-    """Largest eigenvalue of the symmetric tridiagonal ``tri[:k, :k]``."""
+    """Largest eigenvalue of the symmetric tridiagonal ``tri[:k, :k]`` (float64)."""
     if k == 1:
         return float(tri[0, 0])
     if k == 2:  # closed form: the one or two Lanczos steps of thin layers are common
         a, b, d = tri[0, 0], tri[0, 1], tri[1, 1]
         return float(0.5 * (a + d) + math.hypot(0.5 * (a - d), b))
+    if _EIGVALSH_LO is not None:
+        top = float(_EIGVALSH_LO(tri[:k, :k], signature="d->d")[-1])
+        if math.isfinite(top):
+            return top
+        # non-finite entries (NaN weights; the call above has warned) or no convergence:
+        # the public function's answer (it raises LinAlgError where LAPACK did not converge)
     return float(np.linalg.eigvalsh(tri[:k, :k])[-1])
 
 
@@ -145,6 +165,10 @@ def _top_eigenvector(tri: np.ndarray, k: int) -> np.ndarray:
     """Unit eigenvector of the largest eigenvalue of ``tri[:k, :k]``."""
     if k == 1:
         return np.ones(1)
+    if _EIGH_LO is not None:  # as in _top_eigenvalue: the ufunc under np.linalg.eigh
+        values, vectors = _EIGH_LO(tri[:k, :k], signature="d->dd")
+        if math.isfinite(float(values[-1])):
+            return np.ascontiguousarray(vectors[:, -1])
     return np.ascontiguousarray(np.linalg.eigh(tri[:k, :k])[1][:, -1])
 
 
@@ -310,16 +334,17 @@ class SpectralNormScale(nn.Module):
         of at most 8 are solved exactly instead (always converged).
         """
         weight = weight.detach()
-        if self._exact_ok and min(self.u.numel(), self.v.numel()) <= _EXACT_MAX_SIDE:
+        u, v = self._buffers["u"], self._buffers["v"]
+        if self._exact_ok and min(u.numel(), v.numel()) <= _EXACT_MAX_SIDE:
             self._exact(weight)
             return True
         if max_iterations is None:
             max_iterations = self.n_power_iterations if self.training else self.max_eval_iterations
         tol = self.tol if self.tol is not None else default_power_tolerance(weight.dtype)
         if self._on_host(weight):
-            sigma = float(self.u.numpy() @ (weight.numpy() @ self.v.numpy()))
+            sigma = float(u.numpy() @ (weight.numpy() @ v.numpy()))
         else:
-            sigma = float(torch.dot(self.u, self._matvec(weight, self.v)))
+            sigma = float(torch.dot(u, self._matvec(weight, v)))
         converged = False
         while max_iterations > 0 and not converged:
             # restarted from the Ritz vector every _LANCZOS_BASIS steps: bounded memory
@@ -329,7 +354,8 @@ class SpectralNormScale(nn.Module):
         return converged
 
     def _exact(self, weight: Tensor) -> None:
-        on_inputs = self.v.numel() <= self.u.numel()
+        u, v = self._buffers["u"], self._buffers["v"]
+        on_inputs = v.numel() <= u.numel()
         if weight.device.type == "cpu" and weight.dtype in _HOST_DTYPES:
             # all in float64 numpy: a handful of tiny products, where torch's per-operation
             # dispatch would cost more than the arithmetic
@@ -337,7 +363,7 @@ class SpectralNormScale(nn.Module):
             top = _top_gram_vector(w.T @ w if on_inputs else w @ w.T)
             other = w @ top if on_inputs else w.T @ top
             other /= max(float(np.sqrt(other @ other)), 1e-12)
-            first, second = (self.v, self.u) if on_inputs else (self.u, self.v)
+            first, second = (v, u) if on_inputs else (u, v)
             first.copy_(torch.from_numpy(top))
             second.copy_(torch.from_numpy(other))
             return
@@ -350,7 +376,8 @@ class SpectralNormScale(nn.Module):
     def _lanczos(self, weight: Tensor, steps: int, sigma: float, tol: float) -> tuple[float, bool]:
         # Run on the Gram operator of the smaller side (W^T W on inputs or W W^T on
         # outputs): a 32 x 2 layer then needs at most two steps.
-        on_inputs = self.v.numel() <= self.u.numel()
+        u, v = self._buffers["u"], self._buffers["v"]
+        on_inputs = v.numel() <= u.numel()
         floor = 16 * torch.finfo(weight.dtype).eps
         if self._on_host(weight):
             # A dense layer on the CPU: the same iteration on numpy views of the tensors,
@@ -358,12 +385,12 @@ class SpectralNormScale(nn.Module):
             # ~150 us in torch, mostly dispatch).
             w = weight.numpy()
             if on_inputs:
-                start = w.T @ self.u.numpy()
+                start = w.T @ u.numpy()
 
                 def gram(q: Any) -> Any:
                     return w.T @ (w @ q)
             else:
-                start = w @ self.v.numpy()
+                start = w @ v.numpy()
 
                 def gram(q: Any) -> Any:
                     return w @ (w.T @ q)
@@ -372,12 +399,12 @@ class SpectralNormScale(nn.Module):
             basis[0] = start / max(float(np.sqrt(start @ start)), 1e-12)
         else:
             if on_inputs:
-                start = self._rmatvec(weight, self.u)
+                start = self._rmatvec(weight, u)
 
                 def gram(q: Any) -> Any:
                     return self._rmatvec(weight, self._matvec(weight, q))
             else:
-                start = self._matvec(weight, self.v)
+                start = self._matvec(weight, v)
 
                 def gram(q: Any) -> Any:
                     return self._matvec(weight, self._rmatvec(weight, q))
@@ -394,7 +421,7 @@ class SpectralNormScale(nn.Module):
             top /= max(float(np.sqrt(top @ top)), 1e-12)
             other = w @ top if on_inputs else w.T @ top
             other /= max(float(np.sqrt(other @ other)), 1e-12)
-            first, second = (self.v, self.u) if on_inputs else (self.u, self.v)
+            first, second = (v, u) if on_inputs else (u, v)
             first.copy_(torch.from_numpy(top))
             second.copy_(torch.from_numpy(other))
             return sigma, converged
@@ -423,7 +450,8 @@ class SpectralNormScale(nn.Module):
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The current estimate ``u^T W v`` (differentiable in ``weight``)."""
-        return torch.dot(self.u, self._matvec(weight, self.v))
+        buffers = self._buffers  # not ``self.u``: Module.__getattr__ costs a failed lookup
+        return torch.dot(buffers["u"], self._matvec(weight, buffers["v"]))
 
     @staticmethod
     def _snapshot(weight: Tensor) -> Tensor:
@@ -451,8 +479,9 @@ class SpectralNormScale(nn.Module):
         return self._changed(weight) or (not self.training and not self._converged)
 
     def _mark_seen(self, weight: Tensor) -> None:
-        self._seen = self._fingerprint(weight)
-        self._weight_seen = self._snapshot(weight)
+        # plain attributes written straight into __dict__: Module.__setattr__ (several
+        # isinstance tests per write) cost more than a thin layer's whole refresh
+        self.__dict__.update(_seen=self._fingerprint(weight), _weight_seen=self._snapshot(weight))
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.training and torch.jit.is_tracing():
@@ -477,10 +506,11 @@ class SpectralNormScale(nn.Module):
                     # weight may stop short of the norm
                     cap = self.max_eval_iterations if self._full_refresh else None
                     converged = self.refresh(weight, cap)
-                    self._full_refresh = False
-                    self._converged = converged or not self.training
+                    self.__dict__.update(
+                        _full_refresh=False, _converged=converged or not self.training
+                    )
                     self._mark_seen(weight)
-                    self.fresh.fill_(True)
+                    self._buffers["fresh"].fill_(True)
         scale = torch.clamp(self.sigma(weight) / self.lipschitz, min=1.0)
         return weight / scale
 

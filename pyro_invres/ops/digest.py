@@ -33,15 +33,16 @@ def _position_weights(n: int, device: torch.device, dtype: torch.dtype) -> Tenso
 
 
 def value_digest(tensors: list[Tensor]) -> tuple[object, ...]:
-    """An order-sensitive digest of the floating tensors' values (one int per dtype).
+    """An order-sensitive digest of the tensors' values (one entry per dtype and device).
 
     The bits of the values, read as integers of their width, dotted with fixed odd
     pseudo-random weights, with wrap-around: a change of any single entry always
     changes it (an odd weight times a non-zero difference is never 0 mod 2^bits), and a
     permutation of values (which keeps the norm and the sum) changes it but with
-    probability about 2^-bits. Writes through ``p.data`` (Pyro's ``ClippedAdam``) leave
-    the version counters alone, so the values themselves must be compared: one pass over
-    them, in a few kernels whatever the number of tensors.
+    probability about 2^-bits. Groups of at most 64 KiB on the CPU are kept as their raw
+    bytes instead, which every change alters. Writes through ``p.data`` (Pyro's
+    ``ClippedAdam``) leave the version counters alone, so the values themselves must be
+    compared: one pass over them, in a few kernels whatever the number of tensors.
 
     Example:
         >>> import torch
@@ -56,27 +57,43 @@ def value_digest(tensors: list[Tensor]) -> tuple[object, ...]:
         # the weights while a trace runs, and a pair stored outside a trace never matches
         # this marker, nor one stored inside it a real digest
         return _TRACING
-    # integer buffers too (a permutation's indices); complex tensors have no int view
-    floating = [t for t in tensors if not t.is_complex()]
-    if not floating:
+    if not tensors:
         return ()
-    first = floating[0]
-    if all(t.dtype == first.dtype and t.device == first.device for t in floating):
-        groups = [floating]
+    # integer buffers too (a permutation's indices); complex tensors have no int view
+    kinds = {(t.dtype, t.device) for t in tensors}
+    if len(kinds) == 1 and not tensors[0].is_complex():
+        groups = [tensors]  # the common case, told apart in one pass
     else:
         by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for t in floating:
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        for t in tensors:
+            if not t.is_complex():
+                by_kind.setdefault((t.dtype, t.device), []).append(t)
         groups = list(by_kind.values())
-    sums = []
     with torch.no_grad():
-        for group in groups:
-            # one C++ call flattens and concatenates the whole group
-            values = torch._utils._flatten_dense_tensors(group)
-            bits = values.view(_INT_OF_WIDTH[values.element_size()])
-            weights = _position_weights(bits.numel(), bits.device, bits.dtype)
-            if bits.device.type == "cpu":
-                sums.append(int(torch.dot(bits, weights)))
-            else:  # integer dot products are CPU-only; the wrapped products still sum
-                sums.append(int((bits * weights).sum()))
-    return tuple(sums)
+        # one C++ call flattens and concatenates each group
+        return tuple(
+            [_group_digest(torch._utils._flatten_dense_tensors(group)) for group in groups]
+        )
+
+
+#: Up to this many bytes a CPU group is kept as its raw bytes: the exact values, compared
+#: as bytes, cost less than the weighted dot product's four dispatches for small blocks
+#: (an ActNorm's handful of values, a 2-D flow's few thousand weights).
+_RAW_BYTES_MAX = 1 << 16
+
+
+def _group_digest(values: Tensor) -> object:
+    """The digest of one flat tensor: its bytes if small and on the CPU, else the wrapped
+    dot product of its bits with the position weights."""
+    # as integers of their width: every dtype (bfloat16, bool) has a numpy view then
+    bits = values.view(_INT_OF_WIDTH[values.element_size()])
+    if bits.device.type == "cpu":
+        if bits.numel() * bits.element_size() <= _RAW_BYTES_MAX:
+            try:
+                return bits.numpy().tobytes()
+            except RuntimeError:  # a torch.func wrapper has no storage to read: the product
+                pass
+        return int(torch.dot(bits, _position_weights(bits.numel(), bits.device, bits.dtype)))
+    weights = _position_weights(bits.numel(), bits.device, bits.dtype)
+    # integer dot products are CPU-only; the wrapped products still sum
+    return int((bits * weights).sum())

@@ -103,10 +103,14 @@ def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     state: list[Tensor] = []
     contexts: list[Tensor] = []
     stack = [module]
+    exempt_of = _EXEMPT_BUFFERS
     while stack:
         m = stack.pop()
         state += m._parameters.values()
-        exempt = _exempt_buffers(type(m))
+        kind = type(m)
+        exempt = exempt_of.get(kind)
+        if exempt is None:
+            exempt = _exempt_buffers(kind)
         if exempt:
             state += [b for name, b in m._buffers.items() if name not in exempt]
         else:
@@ -117,6 +121,39 @@ def _dependencies(module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         if None in stack:  # a submodule slot registered as None
             stack = [c for c in stack if c is not None]
     return [t for t in state if t is not None], contexts
+
+
+def _first_parameter(module: nn.Module) -> Tensor | None:
+    """``next(module.parameters(), None)`` without naming every module on the way.
+
+    The same tensor: the first parameter of a pre-order walk in registration order.
+    """
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                return p
+        children = [c for c in m._modules.values() if c is not None]
+        children.reverse()
+        stack += children
+    return None
+
+
+_REAL_EVENTS: dict[int, constraints.Constraint] = {}
+
+
+def _real_events(event_dim: int) -> constraints.Constraint:
+    """``independent(real, event_dim)``, one object per ``event_dim``.
+
+    Pyro and torch ask a composite for its domain on every log-density (and a composite
+    asks every part): building a new constraint each time cost more than some blocks'
+    arithmetic. Constraints hold no state, so one object serves every block.
+    """
+    c = _REAL_EVENTS.get(event_dim)
+    if c is None:
+        c = _REAL_EVENTS[event_dim] = constraints.independent(constraints.real, event_dim)
+    return c
 
 
 class _Slot:
@@ -277,11 +314,11 @@ class InvertibleModule(TransformModule):
 
     @constraints.dependent_property(is_discrete=False)
     def domain(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, self.event_dim)
+        return _real_events(self.event_dim)
 
     @constraints.dependent_property(is_discrete=False)
     def codomain(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, self.event_dim)
+        return _real_events(self.event_dim)
 
     def with_cache(self, cache_size: int = 1) -> InvertibleModule:
         """Return this block if ``cache_size`` is its own; raise ``ValueError`` otherwise."""
@@ -320,7 +357,7 @@ class InvertibleModule(TransformModule):
 
     def _reference_tensors(self) -> tuple[Tensor | None, Tensor | None]:
         """A floating tensor for the dtype check and any tensor for the device check."""
-        floating = next((p for p in self.parameters()), None)
+        floating = _first_parameter(self)
         if floating is None:
             floating = next((b for b in self.buffers() if b.is_floating_point()), None)
         anything = floating if floating is not None else next(self.buffers(), None)
@@ -385,30 +422,35 @@ class InvertibleModule(TransformModule):
             state.pop(name, None)
         return state
 
-    def _state_key(self) -> tuple:
-        # what makes a cached pair stale: a replaced or written parameter, buffer or
-        # context, a different grad mode (a graph-less pair cannot serve a backward), a
-        # train/eval switch (evaluation may refine the spectral norms)
-        state, contexts = _dependencies(self)
-        stamps = _stamps(state), _stamps(contexts)
-        return stamps, torch.is_grad_enabled(), self.training
+    def _state_key(self, state: list[Tensor], contexts: list[Tensor]) -> tuple:
+        """What makes a cached pair stale, from the tensors ``_dependencies`` found.
+
+        A replaced or written parameter, buffer or context, a different grad mode (a
+        graph-less pair cannot serve a backward), a train/eval switch (evaluation may
+        refine the spectral norms). A subclass adds its own options to the tuple.
+        """
+        return _stamps(state), _stamps(contexts), torch.is_grad_enabled(), self.training
 
     def _pair_is_current(self, slot: _Slot | None = None) -> bool:
         """Whether this thread's cached pair may still be reused."""
         slot = self._slot() if slot is None else slot
         if slot.key is None or slot.versions != (_version(slot.x), _version(slot.y)):
             return False
-        if self._state_key() != slot.key:
+        # one walk serves the stamps and the digest
+        state, contexts = _dependencies(self)
+        if self._state_key(state, contexts) != slot.key:
             return False
-        # the values too: writes through ``p.data`` keep the versions
-        return value_digest(slot.state) == slot.digest
+        # the values too: writes through ``p.data`` keep the versions (the key matched,
+        # so ``state`` holds the very tensors the digest was stored for)
+        return value_digest(state) == slot.digest
 
     def _store(self, slot: _Slot, x: Tensor, y: Tensor, ladj: LazyLadj) -> None:
         slot.x, slot.y = x, y
         slot.versions = _version(x), _version(y)
-        slot.state, slot.contexts = _dependencies(self)
-        slot.key = self._state_key()
-        slot.digest = value_digest(slot.state)
+        state, contexts = _dependencies(self)
+        slot.state, slot.contexts = state, contexts
+        slot.key = self._state_key(state, contexts)
+        slot.digest = value_digest(state)
         # only what this very call returned may become the log-det of its pair
         slot.memo = ladj
 

@@ -207,7 +207,18 @@ def _upgrade_flat_state(d: dict, event_shape: torch.Size) -> None:
 
 
 def _hooked(net: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    """Whether any module of ``net`` carries a forward (pre-)hook.
+
+    Asked on every pass (hooks can be added at any time), so a plain walk over the module
+    dicts rather than ``modules()``, which builds a name for every module on the way.
+    """
+    stack = [net]
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+        stack += [c for c in m._modules.values() if c is not None]
+    return False
 
 
 def _check_solver(solver: object, net: nn.Module, event_shape: torch.Size) -> FixedPoint:
@@ -423,9 +434,9 @@ class InvertibleResidual(InvertibleModule):
     def warm_start(self, value: bool) -> None:
         self._solver = dataclasses.replace(self._solver, warm_start=bool(value))
 
-    def _state_key(self) -> tuple:
+    def _state_key(self, state: list[Tensor], contexts: list[Tensor]) -> tuple:
         # a changed estimator or its options must not be answered from the memo
-        return (*super()._state_key(), self._estimator)
+        return (*super()._state_key(state, contexts), self._estimator)
 
     # -- the two directions -----------------------------------------------------------------
     def _explicit(self, z: Tensor) -> tuple[Tensor, _Memo | None]:
