@@ -10,7 +10,9 @@ log-densities). One line of JSON per run is appended to ``--out``.
 
 Example:
     ``python examples/benchmarks/study_objectives.py --model funnel --guide residual
-    --objective 0 --out examples/benchmarks/results/objectives_cpu.jsonl``
+    --objective 0 --out examples/benchmarks/results/objectives_cpu.jsonl``; then
+    ``python examples/benchmarks/study_objectives.py --summary FILE [FILE ...]`` prints the
+    mean over seeds of each setting as a markdown table.
 """
 
 from __future__ import annotations
@@ -33,7 +35,48 @@ from common import env_info  # noqa: E402
 from posterior_reference import load_reference  # noqa: E402
 
 
+def summarize(paths: list[str]) -> str:
+    """A markdown table of the runs in ``paths``: mean and spread over seeds per setting.
+
+    One row per (model, guide, objective, rate): the seeds, the mean (min-max) Pareto
+    k-hat, the mean importance-weighted log Z and the mean ratio of the neck's sd to the
+    reference's; diverged runs are counted, not averaged.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                key = (r["model"], r["guide"], r["objective"], float(r.get("lr") or bp.LR))
+                groups.setdefault(key, []).append(r)
+    out = [
+        "| model | guide | objective | lr | seeds | k-hat mean (min-max) | IW log Z "
+        "| neck sd / ref |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups):
+        runs = groups[key]
+        ok = [r for r in runs if r.get("khat") is not None and not r.get("error")]
+        failed = len(runs) - len(ok)
+        if ok:
+            k = [r["khat"] for r in ok]
+            iw = sum(r["iw_log_z"] for r in ok) / len(ok)
+            necks = [next(iter(r["neck"].values()))["ratio"] for r in ok if r.get("neck")]
+            neck = f"{sum(necks) / len(necks):.2f}" if necks else "-"
+            cells = f"{sum(k) / len(k):.2f} ({min(k):.2f}-{max(k):.2f}) | {iw:.2f} | {neck}"
+        else:
+            cells = "- | - | -"
+        seeds = f"{len(ok)}" + (f" (+{failed} diverged)" if failed else "")
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {seeds} | {cells} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summary"]:  # study_objectives.py --summary runs.jsonl [...]
+        print(summarize(argv[1:]))
+        return {}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, choices=models.MODELS)
     p.add_argument("--guide", default="residual", choices=sorted(bp.guide_factories()))
