@@ -174,10 +174,21 @@ class ConditionalDenseResidual(ConditionalTransformModule):
         return z + F.linear(torch.tanh(F.linear(z, w1) + shift), w2, self.layer2[:, -1])
 
     def solve(self, target: Tensor, weights: _Weights, direction: str) -> Tensor:
-        """``z`` with ``r(z; c) = target``: Broyden's method, Newton's for any row it leaves."""
-        atol = torch.finfo(target.dtype).eps ** 0.75 if self.atol is None else self.atol
+        """``z`` with ``r(z; c) = target``: Broyden's method, Newton's for any row it leaves.
+
+        A row is done when ``|r(z) - target| <= max(atol (1 + |target|), 16 eps (1 + |target|
+        + |b2|))`` in every entry: the second term (``eps`` of the dtype) only binds when the
+        output bias ``b2`` is large, where the solution ``z ~ target - b2`` has float spacing
+        above ``atol (1 + |target|)`` and no float could meet it.
+        """
+        finfo = torch.finfo(target.dtype)
+        atol = finfo.eps**0.75 if self.atol is None else self.atol
         # relative: an absolute 7e-6 is below float32's rounding of a value of size 100
-        tol = atol * (1 + target.detach().abs())
+        size = 1 + target.detach().abs()
+        # and never below the rounding of r's own terms: b2 is not capped (training may make
+        # it 1e3), and r(z) = z + W2 a + b2 then adds terms of size |b2|
+        rounding = 16 * finfo.eps * (size + self.layer2[:, -1].detach().abs())
+        tol = torch.maximum(atol * size, rounding)
         with torch.no_grad():  # the iterates need no graph: the last step below carries it
             if target.numel() == 0:
                 return target.clone()
@@ -200,10 +211,14 @@ class ConditionalDenseResidual(ConditionalTransformModule):
             while not bool(done.all()):
                 # the rare row Broyden's method leaves: Newton (quadratic, never singular)
                 if steps_left <= 0:
+                    # how far it got, so the user can tell a slow solve from a hopeless one
+                    worst = float(((self.value(z, weights) - target).abs() / tol).amax())
                     raise RuntimeError(
                         f"ConditionalDenseResidual (explicit={self.explicit!r}): the "
                         f"{direction} did not reach atol={atol:g} (times 1 + |target|) in "
-                        f"max_iter={self.max_iter} steps (Broyden's, then Newton's)"
+                        f"max_iter={self.max_iter} steps (Broyden's, then Newton's): "
+                        f"{int((~done).sum())} of {done.numel()} rows left, the worst at "
+                        f"{worst:.3g} times its tolerance; raise max_iter or atol"
                     )
                 r, slope = self.residual(z, weights)
                 jac = self.jacobian(slope, weights)
