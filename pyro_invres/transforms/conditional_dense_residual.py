@@ -25,8 +25,10 @@ one ``D x D`` matrix, and Broyden's method (:func:`~pyro_invres.ops.broyden.broy
 corrects it row by row with rank-one updates from one evaluation of ``r`` per step. A row it
 leaves after ``BROYDEN_STEPS`` steps goes to Newton's method, whose Jacobian ``J_r`` has
 singular values in ``[1 - L, 1 + L]`` (never singular). The stopping rule is the same for
-both: ``|r(z) - target| <= atol (1 + |target|)`` in every entry, so ``z`` is within
-``atol (1 + |target|) sqrt(D) / (1 - L)`` of the exact solution.
+both: ``|r(z) - target| <= tol`` in every entry, with ``tol = max(atol (1 + |target|),
+16 eps (1 + |target| + |b_2|))`` (the second term is the rounding of ``r``'s own terms, which
+binds only for a large output bias ``b_2``), so ``z`` is within ``tol sqrt(D) / (1 - L)`` of
+the exact solution.
 
 References:
     [1] Behrmann, Grathwohl, Chen, Duvenaud & Jacobsen, *Invertible Residual Networks*,
@@ -72,7 +74,9 @@ class ConditionalDenseResidual(ConditionalTransformModule):
         explicit: ``"inverse"`` (``r`` is the map variable -> base) or ``"forward"``
             (``r`` is the map base -> variable); the other direction is solved iteratively.
         atol: the solve's tolerance on ``|r(z) - target| / (1 + |target|)`` per entry (default
-            ``eps ** 0.75`` of the dtype: about ``7e-6`` in float32, ``2e-12`` in float64).
+            ``eps ** 0.75`` of the dtype: about ``7e-6`` in float32, ``2e-12`` in float64),
+            never below the rounding floor ``16 eps (1 + |target| + |b_2|)``, which no float
+            can beat (a smaller ``atol`` is raised to it).
         max_iter: the solve's steps at most (Broyden's, then Newton's for the rows left).
         cache_size: 0 or 1, for each conditioned block.
 
