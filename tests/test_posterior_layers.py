@@ -104,3 +104,19 @@ def test_dense_residual_inverts_large_float32_values():
     y = block(x)
     back = block.inverse(y.clone(), cached=False)
     assert ((back - x).abs() <= 1e-4 * (1 + x.abs())).all()
+
+
+@pytest.mark.parametrize("bias", [1e3, 1e4])
+def test_dense_residual_inverts_in_float32_with_a_large_output_bias(bias):
+    # b2 is not capped: inverting values y of size 1 puts x ~ y - b2, whose float32 spacing
+    # is above eps**0.75 (1 + |y|), so the inverse must stop at the rounding floor, not fail
+    torch.manual_seed(0)
+    block = DenseResidual(3, 8)
+    with torch.no_grad():
+        block.layer2.mul_(50.0)
+        block.layer2[:, -1] = bias
+    y = torch.randn(64, 3)
+    x = block.inverse(y, cached=False)
+    assert bool((x.abs() > bias / 2).all())  # the solution really is far out
+    eps = torch.finfo(torch.float32).eps
+    assert bool(((block(x) - y).abs() <= 64 * eps * (1 + y.abs() + bias)).all())

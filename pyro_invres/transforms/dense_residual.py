@@ -63,7 +63,9 @@ class DenseResidual(InvertibleModule):
         lipschitz: ``c`` in ``(0, 1)``, the bound on ``Lip(g)`` (split as ``1 * c``).
         atol: the inverse's tolerance on ``|x + g(x) - y| / (1 + |y|)`` (every entry; default
             ``eps ** 0.75`` of the input's dtype: about ``7e-6`` in float32, ``2e-12`` in
-            float64, which Newton's quadratic convergence reaches in a few steps).
+            float64, which Newton's quadratic convergence reaches in a few steps), never
+            below the rounding floor ``16 eps (1 + |y| + |b2|)`` that no float can beat (a
+            smaller ``atol`` is raised to it).
         max_iter: the inverse's Newton steps at most.
         cache_size: 0 or 1.
 
@@ -141,7 +143,11 @@ class DenseResidual(InvertibleModule):
         atol = torch.finfo(y.dtype).eps ** 0.75 if self.atol is None else self.atol
         # relative to the value's size: an absolute 6e-6 is below float32's rounding of a
         # latent of size 100 (a funnel's mouth), which no step could reach
-        tol = atol * (1 + y.detach().abs())
+        size = 1 + y.detach().abs()
+        # never below the rounding of the branch's own terms: b2 is not capped (training may
+        # make it 1e3) and x ~ y - b2 then has a float spacing no step can beat
+        rounding = 16 * torch.finfo(y.dtype).eps * (size + self.layer2[:, -1].detach().abs())
+        tol = torch.maximum(atol * size, rounding)
         for _ in range(self.max_iter):
             g, slope = self._branch(x, w1, w2)
             res = x + g - y
