@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=None, help="initial rate (default the benchmark's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--neutra",
+        action="store_true",
+        help="then NUTS on the NeuTra warp by the trained guide (4 chains of 200 warmup and "
+        "200 draws, the recorded NeuTra runs' setting)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -129,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
         row.update({k: metrics.get(k) for k in ("elbo", "iw_log_z", "iw_log_z_se", "khat")})
         row["neck"] = metrics.get("neck")
         row["error"] = metrics.get("error")
+        if args.neutra:
+            nuts = bp.run_nuts(spec, guide, 4, 200, 200, args.seed, ref)
+            keys = ("cpu_s", "grad_evals", "min_bulk_ess", "ess_per_grad", "divergences")
+            row["neutra"] = {k: nuts.get(k) for k in (*keys, "max_rhat", "neck")}
     except (ValueError, RuntimeError) as err:  # a diverged run is a result too
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     with open(args.out, "a") as f:
