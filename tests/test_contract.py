@@ -54,6 +54,7 @@ from pyro_invres import (
     conditional_iresnet,
     conditional_revnet_block,
     glow,
+    glow_residual,
     invertible_conv1x1,
     iresnet,
     irevnet,
@@ -72,6 +73,7 @@ from pyro_invres.transforms import (
     conditional_dense_residual,
     conditional_spline_autoregressive,
     dense_residual,
+    pixel_residual,
     spline_autoregressive,
     triangular_affine,
 )
@@ -209,6 +211,7 @@ CASES = [
     # posterior and neural-posterior-estimation layers
     Case("affine_autoregressive", lambda: affine_autoregressive(3, [7]), (3,)),
     Case("dense_residual", lambda: dense_residual(3, 8), (3,), iterative=True),
+    Case("pixel_residual", lambda: pixel_residual((2, 2, 2), 6), (2, 2, 2), iterative=True),
     Case("triangular_affine", lambda: triangular_affine(3), (3,)),
     Case("spline_autoregressive", lambda: spline_autoregressive(3, [8], count_bins=4), (3,)),
     Case(
@@ -319,6 +322,15 @@ CASES = [
         lambda: glow(IMAGE, num_scales=1, steps_per_scale=1, hidden_channels=3, factor_out=False),
         IMAGE,
         image=True,
+    ),
+    Case(
+        "glow_residual",
+        lambda: glow_residual(
+            IMAGE, num_scales=2, steps_per_scale=1, hidden_channels=3, residual_channels=5
+        ),
+        IMAGE,
+        image=True,
+        iterative=True,
     ),
     Case(
         "irevnet",

@@ -8,6 +8,7 @@ change of variables with an autograd Jacobian.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pyro.distributions as dist
@@ -15,9 +16,11 @@ import pytest
 import torch
 
 from pyro_invres.flows import base_shape, glow, glow_residual
-from pyro_invres.transforms import pixel_residual as pr
 from pyro_invres.transforms.inverse import Inverse
 from pyro_invres.transforms.pixel_residual import PixelResidual, pixel_residual
+
+# the module (the package exports a factory of the same name)
+pr = importlib.import_module("pyro_invres.transforms.pixel_residual")
 
 
 def _strong_block(shape=(3, 2, 2), hidden=5, lipschitz=0.9, seed=0) -> PixelResidual:
@@ -271,3 +274,19 @@ def test_preset_is_glow_plus_one_block_per_step():
     # latent-to-data order: the second scale's 16 channels less the factored-out 8 first
     assert [b.channels for b in blocks] == [8, 8, 8, 4, 4, 4]
     assert len(hybrid) == len(plain) + 6
+
+
+@pytest.mark.parametrize("bias", [1e3, 1e4])
+def test_float32_inverse_with_a_large_output_bias(bias: float) -> None:
+    # b2 is not capped: inverting values of size 1 puts v ~ y - b2, whose float32 spacing is
+    # above eps**0.75 (1 + |y|): the solve must stop at the rounding floor, not fail
+    torch.manual_seed(0)
+    block = PixelResidual((3, 2, 2), 8)
+    with torch.no_grad():
+        block.layer2.mul_(50.0)
+        block.layer2[:, -1] = bias
+    y = torch.randn(4, 3, 2, 2)
+    x = block.inverse(y, cached=False)
+    assert bool((x.abs() > bias / 2).all())
+    eps = torch.finfo(torch.float32).eps
+    assert bool(((block(x) - y).abs() <= 64 * eps * (1 + y.abs() + bias)).all())

@@ -31,6 +31,7 @@ from .iresnet import (
     conditional_iresnet,
     iresnet,
 )
+from .pixel_residual import PixelResidual, pixel_residual
 from .reversible import ReversibleStack, reversible_stack
 from .revnet import ConditionalRevNetBlock, RevNetBlock, conditional_revnet_block, revnet_block
 from .spline_autoregressive import (
@@ -62,6 +63,7 @@ __all__ = [
     "InvertibleDownsampling",
     "InvertibleModule",
     "InvertibleResidual",
+    "PixelResidual",
     "RevNetBlock",
     "ReversibleStack",
     "SolveStats",
@@ -85,6 +87,7 @@ __all__ = [
     "invertible_conv1x1",
     "invertible_downsampling",
     "iresnet",
+    "pixel_residual",
     "reversible_stack",
     "revnet_block",
     "spline_autoregressive",

@@ -75,7 +75,9 @@ class PixelResidual(InvertibleModule):
         hidden_channels: ``Hd``, the hidden units of the per-pixel branch.
         lipschitz: ``c`` in ``(0, 1)``, the bound on ``Lip(g)``.
         atol: the inverse's tolerance on ``|x + g(x) - y| / (1 + |y|)`` (every entry; default
-            ``eps ** 0.75`` of the input's dtype).
+            ``eps ** 0.75`` of the input's dtype), never below the rounding floor
+            ``16 eps (1 + |y| + |b2|)`` that no float can beat (a smaller ``atol`` is raised
+            to it).
         max_iter: the inverse's steps at most (Broyden's and Newton's together).
         cache_size: 0 or 1.
 
@@ -199,7 +201,11 @@ class PixelResidual(InvertibleModule):
         """Rows ``v`` with ``v + g(v) = target``: Broyden's, Newton's for any row left."""
         atol = torch.finfo(target.dtype).eps ** 0.75 if self.atol is None else self.atol
         # relative: an absolute 7e-6 is below float32's rounding of a value of size 100
-        tol = atol * (1 + target.detach().abs())
+        size = 1 + target.detach().abs()
+        # never below the rounding of the branch's own terms: b2 is not capped (training may
+        # make it large) and v ~ target - b2 then has a float spacing no step can beat
+        rounding = 16 * torch.finfo(target.dtype).eps * (size + self.layer2[:, -1].detach().abs())
+        tol = torch.maximum(atol * size, rounding)
         with torch.no_grad():  # the iterates need no graph: the last step below carries it
             w1d, w2d = w1.detach(), w2.detach()
             if target.numel() == 0:
