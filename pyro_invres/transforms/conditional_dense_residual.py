@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from ..nn.conditioners import ContextBound, _check_context
 from ..ops.broyden import broyden_solve
 from .base import InvertibleModule
-from .dense_residual import capped_weights
+from .dense_residual import capped_weights, solve_tolerance
 
 __all__ = ["ConditionalDenseResidual", "ConditionedDenseResidual", "conditional_dense_residual"]
 
@@ -185,14 +185,8 @@ class ConditionalDenseResidual(ConditionalTransformModule):
         output bias ``b2`` is large, where the solution ``z ~ target - b2`` has float spacing
         above ``atol (1 + |target|)`` and no float could meet it.
         """
-        finfo = torch.finfo(target.dtype)
-        atol = finfo.eps**0.75 if self.atol is None else self.atol
-        # relative: an absolute 7e-6 is below float32's rounding of a value of size 100
-        size = 1 + target.detach().abs()
-        # and never below the rounding of r's own terms: b2 is not capped (training may make
-        # it 1e3), and r(z) = z + W2 a + b2 then adds terms of size |b2|
-        rounding = 16 * finfo.eps * (size + self.layer2[:, -1].detach().abs())
-        tol = torch.maximum(atol * size, rounding)
+        atol = torch.finfo(target.dtype).eps ** 0.75 if self.atol is None else self.atol
+        tol = solve_tolerance(target, atol, self.layer2[:, -1])
         with torch.no_grad():  # the iterates need no graph: the last step below carries it
             if target.numel() == 0:
                 return target.clone()

@@ -34,7 +34,13 @@ from torch.nn import functional as F
 
 from .base import InvertibleModule
 
-__all__ = ["DenseResidual", "capped_weights", "dense_residual"]
+__all__ = [
+    "DenseResidual",
+    "capped_weights",
+    "checked_capped_weights",
+    "dense_residual",
+    "solve_tolerance",
+]
 
 
 def capped_weights(w1: Tensor, w2: Tensor, lipschitz: float) -> tuple[Tensor, Tensor]:
@@ -52,6 +58,51 @@ def capped_weights(w1: Tensor, w2: Tensor, lipschitz: float) -> tuple[Tensor, Te
     sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
     cap = torch.clamp(sigma / sigma.new_tensor([1.0, lipschitz]), min=1.0)
     return w1 / cap[0], w2 / cap[1]
+
+
+def checked_capped_weights(
+    owner: str, layer1: Tensor, layer2: Tensor, lipschitz: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`capped_weights` of two ``[weights | bias]`` layers, naming non-finite ones.
+
+    The SVD fails only on non-finite weights; the error then says which layer of ``owner``
+    diverged instead of a linear-algebra failure.
+
+    Example:
+        >>> bad = torch.full((2, 3), float("nan"))
+        >>> checked_capped_weights("Block", bad, torch.zeros(2, 3), 0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: Block: expected finite weights, got non-finite values in ['layer1'] ...
+    """
+    try:
+        return capped_weights(layer1[:, :-1], layer2[:, :-1], lipschitz)
+    except torch.linalg.LinAlgError as err:
+        layers = {"layer1": layer1, "layer2": layer2}
+        bad = [n for n, t in layers.items() if not bool(torch.isfinite(t).all())]
+        raise ValueError(
+            f"{owner}: expected finite weights, got non-finite values in {bad or 'a layer'} "
+            "(the training diverged: lower the learning rate, clip gradients, or restart from "
+            "a checkpoint)"
+        ) from err
+
+
+def solve_tolerance(target: Tensor, atol: float, output_bias: Tensor) -> Tensor:
+    """``max(atol (1 + |t|), 16 eps (1 + |t| + |b2|))``: a solve's per-entry tolerance.
+
+    Relative to the target's size (an absolute ``7e-6`` is below float32's rounding of a
+    value of size 100), and never below the rounding of the residual map's own terms: the
+    output bias ``b2`` is not capped (training may make it ``1e3``), and the solution
+    ``~ t - b2`` then has a float spacing that no step can beat.
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> solve_tolerance(t, 1e-5, torch.tensor([0.0, 1e3])) > 1e-5
+        tensor([False,  True])
+    """
+    size = 1 + target.detach().abs()
+    rounding = 16 * torch.finfo(target.dtype).eps * (size + output_bias.detach().abs())
+    return torch.maximum(atol * size, rounding)
 
 
 class DenseResidual(InvertibleModule):
@@ -110,17 +161,7 @@ class DenseResidual(InvertibleModule):
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= c``."""
-        try:
-            return capped_weights(self.layer1[:, :-1], self.layer2[:, :-1], self.lipschitz)
-        except torch.linalg.LinAlgError as err:  # only non-finite weights make the SVD fail
-            names = ("layer1", "layer2")
-            bad = [n for n in names if not bool(torch.isfinite(getattr(self, n)).all())]
-            raise ValueError(
-                "DenseResidual: expected finite weights, got non-finite values in "
-                f"{bad or 'a layer'} (the training diverged: lower the learning rate, clip "
-                "gradients, or restart"
-                " from a checkpoint)"
-            ) from err
+        return checked_capped_weights("DenseResidual", self.layer1, self.layer2, self.lipschitz)
 
     def _branch(self, x: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
         """``g(x)`` and ``tanh'`` at the hidden pre-activation."""
@@ -141,13 +182,7 @@ class DenseResidual(InvertibleModule):
         w1, w2 = self.weights()
         x = y - self._branch(y, w1, w2)[0]  # one fixed-point step as the start
         atol = torch.finfo(y.dtype).eps ** 0.75 if self.atol is None else self.atol
-        # relative to the value's size: an absolute 6e-6 is below float32's rounding of a
-        # latent of size 100 (a funnel's mouth), which no step could reach
-        size = 1 + y.detach().abs()
-        # never below the rounding of the branch's own terms: b2 is not capped (training may
-        # make it 1e3) and x ~ y - b2 then has a float spacing no step can beat
-        rounding = 16 * torch.finfo(y.dtype).eps * (size + self.layer2[:, -1].detach().abs())
-        tol = torch.maximum(atol * size, rounding)
+        tol = solve_tolerance(y, atol, self.layer2[:, -1])
         for _ in range(self.max_iter):
             g, slope = self._branch(x, w1, w2)
             res = x + g - y

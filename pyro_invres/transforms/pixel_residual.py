@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from ..ops.broyden import broyden_solve
 from .base import InvertibleModule, LazyLadj
-from .dense_residual import capped_weights
+from .dense_residual import checked_capped_weights, solve_tolerance
 
 __all__ = ["PixelResidual", "pixel_residual"]
 
@@ -137,17 +137,8 @@ class PixelResidual(InvertibleModule):
             >>> tuple(w1.shape), tuple(w2.shape), bool(torch.linalg.matrix_norm(w2, 2) <= 0.5)
             ((5, 3), (3, 5), True)
         """
-        try:
-            # exact spectral norms (one small SVD): no iteration state to go stale
-            return capped_weights(self.layer1[:, :-1], self.layer2[:, :-1], self.lipschitz)
-        except torch.linalg.LinAlgError as err:  # only non-finite weights make the SVD fail
-            names = ("layer1", "layer2")
-            bad = [n for n in names if not bool(torch.isfinite(getattr(self, n)).all())]
-            raise ValueError(
-                "PixelResidual: expected finite weights, got non-finite values in "
-                f"{bad or 'a layer'} (the training diverged: lower the learning rate, clip "
-                "gradients, or restart from a checkpoint)"
-            ) from err
+        # exact spectral norms (one small SVD): no iteration state to go stale
+        return checked_capped_weights("PixelResidual", self.layer1, self.layer2, self.lipschitz)
 
     # -- per-pixel arithmetic on channels-last rows (..., C) ---------------------------------
     def _branch(self, v: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,12 +191,7 @@ class PixelResidual(InvertibleModule):
     def _solve(self, target: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         """Rows ``v`` with ``v + g(v) = target``: Broyden's, Newton's for any row left."""
         atol = torch.finfo(target.dtype).eps ** 0.75 if self.atol is None else self.atol
-        # relative: an absolute 7e-6 is below float32's rounding of a value of size 100
-        size = 1 + target.detach().abs()
-        # never below the rounding of the branch's own terms: b2 is not capped (training may
-        # make it large) and v ~ target - b2 then has a float spacing no step can beat
-        rounding = 16 * torch.finfo(target.dtype).eps * (size + self.layer2[:, -1].detach().abs())
-        tol = torch.maximum(atol * size, rounding)
+        tol = solve_tolerance(target, atol, self.layer2[:, -1])
         with torch.no_grad():  # the iterates need no graph: the last step below carries it
             w1d, w2d = w1.detach(), w2.detach()
             if target.numel() == 0:
