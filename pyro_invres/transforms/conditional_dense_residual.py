@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from ..nn.conditioners import ContextBound, _check_context
 from ..ops.broyden import broyden_solve
 from .base import InvertibleModule
-from .dense_residual import capped_weights, solve_tolerance
+from .dense_residual import capped_weights, near_identity_layers, solve_tolerance
 
 __all__ = ["ConditionalDenseResidual", "ConditionedDenseResidual", "conditional_dense_residual"]
 
@@ -125,13 +125,9 @@ class ConditionalDenseResidual(ConditionalTransformModule):
         self.lipschitz, self.explicit = float(lipschitz), explicit
         self.atol = None if atol is None else float(atol)
         self.max_iter, self.cache_size = max_iter, cache_size
-        # the layout of DenseResidual ([weights | bias] per layer), plus the context layer
-        w1 = torch.empty(hidden_dim, input_dim)
-        nn.init.orthogonal_(w1)
-        self.layer1 = nn.Parameter(torch.cat([w1, torch.zeros(hidden_dim, 1)], dim=1))
-        # small output layer: the block starts near the identity, whatever the context
-        w2 = 0.01 * torch.randn(input_dim, hidden_dim) / math.sqrt(hidden_dim)
-        self.layer2 = nn.Parameter(torch.cat([w2, torch.zeros(input_dim, 1)], dim=1))
+        # the layout of DenseResidual, plus the context layer: near the identity, whatever
+        # the context
+        self.layer1, self.layer2 = near_identity_layers(input_dim, hidden_dim)
         v = torch.empty(hidden_dim, context_dim)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Linear's default
         self.context_layer = nn.Parameter(v)

@@ -39,6 +39,7 @@ __all__ = [
     "capped_weights",
     "checked_capped_weights",
     "dense_residual",
+    "near_identity_layers",
     "solve_tolerance",
 ]
 
@@ -85,6 +86,26 @@ def checked_capped_weights(
             "(the training diverged: lower the learning rate, clip gradients, or restart from "
             "a checkpoint)"
         ) from err
+
+
+def near_identity_layers(dim: int, hidden: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """The two ``[weights | bias]`` layers of a one-hidden-layer branch, near the identity.
+
+    One parameter tensor per layer (few tensors: the optimizer's per-tensor work outweighs
+    the arithmetic at a posterior's size): ``W1`` orthogonal, ``W2`` small, so the block
+    ``x + g(x)`` starts within about ``0.01`` of the identity; biases zero.
+
+    Example:
+        >>> l1, l2 = near_identity_layers(3, 8)
+        >>> tuple(l1.shape), tuple(l2.shape)
+        ((8, 4), (3, 9))
+    """
+    w1 = torch.empty(hidden, dim)
+    nn.init.orthogonal_(w1)
+    layer1 = nn.Parameter(torch.cat([w1, torch.zeros(hidden, 1)], dim=1))
+    w2 = 0.01 * torch.randn(dim, hidden) / math.sqrt(hidden)
+    layer2 = nn.Parameter(torch.cat([w2, torch.zeros(dim, 1)], dim=1))
+    return layer1, layer2
 
 
 def solve_tolerance(target: Tensor, atol: float, output_bias: Tensor) -> Tensor:
@@ -150,14 +171,7 @@ class DenseResidual(InvertibleModule):
         self.lipschitz = float(lipschitz)
         self.atol = None if atol is None else float(atol)
         self.max_iter = int(max_iter)
-        # each layer is one parameter tensor [weights | bias] (few tensors: the optimizer's
-        # per-tensor work outweighs the arithmetic at a posterior's size)
-        w1 = torch.empty(hidden, dim)
-        nn.init.orthogonal_(w1)
-        self.layer1 = nn.Parameter(torch.cat([w1, torch.zeros(hidden, 1)], dim=1))
-        # the output layer starts small, so the block starts near the identity
-        w2 = 0.01 * torch.randn(dim, hidden) / math.sqrt(hidden)
-        self.layer2 = nn.Parameter(torch.cat([w2, torch.zeros(dim, 1)], dim=1))
+        self.layer1, self.layer2 = near_identity_layers(dim, hidden)
 
     def weights(self) -> tuple[Tensor, Tensor]:
         """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= c``."""

@@ -35,16 +35,15 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from ..ops.broyden import broyden_solve
 from .base import InvertibleModule, LazyLadj
-from .dense_residual import checked_capped_weights, solve_tolerance
+from .dense_residual import checked_capped_weights, near_identity_layers, solve_tolerance
 
 __all__ = ["PixelResidual", "pixel_residual"]
 
@@ -116,13 +115,7 @@ class PixelResidual(InvertibleModule):
         self.lipschitz = float(lipschitz)
         self.atol = None if atol is None else float(atol)
         self.max_iter = int(max_iter)
-        # each layer is one parameter tensor [weights | bias], as DenseResidual's
-        w1 = torch.empty(hidden, channels)
-        nn.init.orthogonal_(w1)
-        self.layer1 = nn.Parameter(torch.cat([w1, torch.zeros(hidden, 1)], dim=1))
-        # the output layer starts small, so the block starts near the identity
-        w2 = 0.01 * torch.randn(channels, hidden) / math.sqrt(hidden)
-        self.layer2 = nn.Parameter(torch.cat([w2, torch.zeros(channels, 1)], dim=1))
+        self.layer1, self.layer2 = near_identity_layers(channels, hidden)
 
     @property
     def channels(self) -> int:
