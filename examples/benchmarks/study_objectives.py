@@ -12,7 +12,9 @@ Example:
     ``python examples/benchmarks/study_objectives.py --model funnel --guide residual
     --objective 0 --out examples/benchmarks/results/objectives_cpu.jsonl``; then
     ``python examples/benchmarks/study_objectives.py --summary FILE [FILE ...]`` prints the
-    mean over seeds of each setting as a markdown table.
+    mean over seeds of each setting as a markdown table, and ``--best [--seeds 0,1]
+    [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
+    (reference-free), per model.
 """
 
 from __future__ import annotations
@@ -71,11 +73,85 @@ def summarize(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def best_settings(
+    paths: list[str], seeds: set[int] | None = None, objectives: set[str] | None = None
+) -> str:
+    """Per model, every guide at its best setting by mean k-hat, as a markdown table.
+
+    The setting (objective, rate) is chosen by the Pareto k-hat alone, which needs no
+    reference posterior; the importance-weighted log Z (mean over the seeds, with the
+    Monte-Carlo standard error of a single run, or the spread over seeds when there are
+    several) and the neck's sd against the reference are then read at that setting. Per
+    model the lowest k-hat and the highest IW log Z are in bold, and IW log Z values
+    within two standard errors of the highest are marked as ties (``=``). Only runs of the
+    ``seeds`` and ``objectives`` given (all when ``None``) count, so that every guide is
+    compared on the same seeds and choices.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if seeds is not None and r["seed"] not in seeds:
+                    continue
+                if objectives is not None and r["objective"] not in objectives:
+                    continue
+                if r.get("khat") is None or r.get("error"):
+                    continue
+                key = (r["model"], r["guide"], r["objective"], float(r.get("lr") or bp.LR))
+                groups.setdefault(key, []).append(r)
+    best: dict[str, dict[str, tuple]] = {}
+    for key, runs in groups.items():
+        khat = sum(r["khat"] for r in runs) / len(runs)
+        iw = [r["iw_log_z"] for r in runs]
+        mean_iw = sum(iw) / len(iw)
+        if len(runs) > 1:
+            se = (sum((v - mean_iw) ** 2 for v in iw) / (len(iw) - 1) / len(iw)) ** 0.5
+        else:
+            se = runs[0]["iw_log_z_se"]
+        necks = [next(iter(r["neck"].values()))["ratio"] for r in runs if r.get("neck")]
+        neck = sum(necks) / len(necks) if necks else None
+        row = (khat, mean_iw, se, neck, key[2], key[3], len(runs))
+        current = best.setdefault(key[0], {}).get(key[1])
+        if current is None or khat < current[0]:
+            best[key[0]][key[1]] = row
+    out = [
+        "| model | guide | best setting | seeds | k-hat | IW log Z | neck sd / ref |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in sorted(best):
+        rows = best[model]
+        low_k = min(r[0] for r in rows.values())
+        top = max(rows.values(), key=lambda r: r[1])
+        for guide in sorted(rows, key=lambda g: rows[g][0]):
+            khat, iw, se, neck, objective, lr, n = rows[guide]
+            k_cell = f"**{khat:.2f}**" if khat == low_k else f"{khat:.2f}"
+            iw_cell = f"{iw:.2f} ± {se:.2f}"
+            if rows[guide] is top:
+                iw_cell = f"**{iw_cell}**"
+            elif top[1] - iw <= 2 * max(se, top[2]):
+                iw_cell = f"= {iw_cell}"
+            neck_cell = "-" if neck is None else f"{neck:.2f}"
+            out.append(
+                f"| {model} | {guide} | {objective} @ {lr:g} | {n} | {k_cell} | {iw_cell} "
+                f"| {neck_cell} |"
+            )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--summary"]:  # study_objectives.py --summary runs.jsonl [...]
         print(summarize(argv[1:]))
+        return {}
+    if argv[:1] == ["--best"]:  # --best [--seeds 0,1] [--objectives kl,kl>0] runs.jsonl ...
+        rest, picks = argv[1:], {"--seeds": None, "--objectives": None}
+        while rest[:1] and rest[0] in picks:
+            picks[rest[0]], rest = rest[1].split(","), rest[2:]
+        seeds = None if picks["--seeds"] is None else {int(s) for s in picks["--seeds"]}
+        objectives = None if picks["--objectives"] is None else set(picks["--objectives"])
+        print(best_settings(rest, seeds, objectives))
         return {}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, choices=models.MODELS)
