@@ -110,3 +110,12 @@ def test_split_prior_flow_inverts():
     z = torch.randn(5, *bi.base_shape(flow, (1, 8, 8)))
     x = flow(z)
     assert torch.allclose(flow.inv(x), z, atol=1e-4)
+
+
+def test_residual_channels_option_sizes_the_hybrids_blocks(tmp_path):
+    out = tmp_path / "images.json"
+    argv = ["--quick", "--datasets", "digits", "--models", "glow_residual", "--out", str(out)]
+    bi.main(argv + ["--residual-channels", "5"])
+    model = json.loads(out.read_text())["datasets"]["digits"]["models"]["glow_residual"]
+    assert model["size"]["residual"] == 5
+    assert bi.sizes("digits", False)["glow_residual"]["residual"] == 64  # the default kept

@@ -527,6 +527,8 @@ def run_dataset(
     budget = args.budget if name == "digits" else args.budget_mnist
     opts = Options(budget=budget, slice=args.slice, patience=args.patience, seed=args.seed)
     size = sizes(name, args.quick)
+    if args.residual_channels is not None:
+        size["glow_residual"]["residual"] = args.residual_channels
     runs = [Run(m, data, size[m], opts, device) for m in args.models]
     log(
         f"{name}: {len(runs)} models, {budget:.0f} CPU s each in slices of {opts.slice:.0f} s; "
@@ -792,6 +794,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
     parser.add_argument("--slice", type=float, default=None, help="CPU s per slice")
     parser.add_argument("--patience", type=int, default=6, help="slices without improvement")
     parser.add_argument("--mnist-size", type=int, default=28, choices=[24, 28, 32])
+    parser.add_argument(
+        "--residual-channels",
+        type=int,
+        default=None,
+        help="hidden units of glow_residual's pixelwise blocks (default 64, 8 with --quick)",
+    )
     parser.add_argument("--figures", default=None, help="write the PNGs into this folder")
     parser.add_argument("--render", default=None, help="print the tables of a results JSON")
     parser.add_argument(
