@@ -200,6 +200,13 @@ class PixelResidual(InvertibleModule):
                 lambda z: self._value(z, w1d, w2d), target, start, inverse, tol, steps
             )
             steps_left = self.max_iter - (evaluations - 1)
+            if not bool(done.all()) and not bool(torch.isfinite(target).all()):
+                # checked only on this rare path (no cost when the solve succeeds): a nan or
+                # inf pixel (cached=False or validation off skip the input check) would
+                # otherwise exhaust max_iter and blame the tolerance
+                raise ValueError(
+                    "PixelResidual: input of the inverse has non-finite values (nan or inf)"
+                )
             while not bool(done.all()):
                 # the rare pixel Broyden's method leaves: Newton (quadratic, never singular:
                 # the Jacobian's singular values lie in [1 - c, 1 + c])
