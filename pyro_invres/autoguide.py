@@ -42,13 +42,16 @@ data-initialised layer (no ActNorm) and no power-iteration state.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.params.param_store import param_with_module_name
 
 from .flows import posterior_flow
 from .transforms.chain import Chain
@@ -63,6 +66,13 @@ class AutoResidualFlow(AutoContinuous):
     Use it as Pyro's ``AutoIAFNormal``: with ``SVI`` and any ELBO, ``Predictive``,
     ``Importance``, and as the trained guide of ``NeuTraReparam``
     (:meth:`get_transform` maps the standard normal base to the latents).
+
+    Build each guide after ``pyro.clear_param_store()`` (a second guide of the same name
+    would silently not train, so it raises). Save and restore it with ``state_dict`` /
+    ``load_state_dict`` on a guide already called once, or ``torch.save`` the guide: the
+    param store's ``save``/``load`` cannot restore the flow. It has no ``median`` or
+    ``quantiles`` (not Gaussian): estimate them from draws (``Predictive``). Latent sites
+    in a subsampled plate are refused.
 
     Arguments:
         model: a Pyro model.
@@ -105,6 +115,26 @@ class AutoResidualFlow(AutoContinuous):
         init_scale: float = 0.1,
         init_loc_fn: Callable[[dict], torch.Tensor] = init_to_median,
     ) -> None:
+        # name the option and what came, not float()'s or int()'s message (or a silent
+        # truncation of 2.7 hidden units to 2), and refuse a bad init_loc_fn before the
+        # first step calls it
+        for name, value in [
+            ("lipschitz", lipschitz),
+            ("log_scale_bound", log_scale_bound),
+            ("init_scale", init_scale),
+        ]:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {value!r}")
+        for name, value in [
+            ("hidden_dim", hidden_dim),
+            ("autoregressive_hidden_dim", autoregressive_hidden_dim),
+        ]:
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or value % 1
+            ):
+                raise TypeError(f"{name} must be an integer or None, got {value!r}")
+        if not callable(init_loc_fn):
+            raise TypeError(f"init_loc_fn must be a Pyro init strategy, got {init_loc_fn!r}")
         if not (math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
         self._flow_options = {
@@ -122,7 +152,39 @@ class AutoResidualFlow(AutoContinuous):
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
+        for name, stack in self._cond_indep_stacks.items():
+            for frame in stack:
+                if frame.full_size is not None and frame.full_size != frame.size:
+                    # one latent vector of the subsample's size would stand for different
+                    # data points at every step: a silently wrong posterior
+                    raise NotImplementedError(
+                        f"{type(self).__name__} cannot fit the local latent site {name!r} "
+                        f"in the subsampled plate {frame.name!r} (size {frame.size} of "
+                        f"{frame.full_size}): subsample only plates without latent sites, "
+                        "or use AutoNormal for the local sites (AutoGuideList)"
+                    )
+        stale = param_with_module_name(self._pyro_get_fullname("transform"), "")
+        if any(key.startswith(stale) for key in pyro.get_param_store().keys()):
+            # pyro.module would hand the optimizer the stored tensors, not this flow's:
+            # the guide would neither train nor restore, silently
+            raise RuntimeError(
+                f"the param store already holds parameters named {stale!r}... from another "
+                f"{type(self).__name__}; this guide would silently never train. Call "
+                "pyro.clear_param_store() before building a new guide (to restore a saved "
+                "guide, call it once, then load_state_dict)"
+            )
         loc = self._init_loc()
+        if not torch.isfinite(loc).all():
+            bad = [
+                site["name"]
+                for site, value in self._unpack_latent(loc)
+                if not torch.isfinite(value).all()
+            ]
+            raise ValueError(
+                f"{type(self).__name__}: the initial point (init_loc_fn) is not finite in "
+                f"the unconstrained space at sites {bad} (a value on the boundary of its "
+                "support, e.g. 0 for a positive site, maps to -inf); start inside the support"
+            )
         flow = posterior_flow(self.latent_dim, **self._flow_options)
         flow = flow.to(device=loc.device, dtype=loc.dtype)
         affine = flow.parts[-1]
@@ -139,6 +201,14 @@ class AutoResidualFlow(AutoContinuous):
     def get_transform(self, *args: Any, **kwargs: Any) -> Chain:
         """The flow from the base to the unconstrained latents (``NeuTraReparam`` uses it)."""
         return self.transform
+
+    def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pyro's median() and quantiles() need a Gaussian (loc, scale): say so, not a bare error
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form median or quantiles (its posterior is "
+            "not Gaussian): estimate them from draws, e.g. Predictive(model, guide=guide, "
+            "num_samples=...)() or guide.get_posterior().sample(...)"
+        )
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The flow's distribution over the unconstrained latent vector."""
