@@ -142,3 +142,76 @@ def test_a_non_finite_tridiagonal_gets_numpys_own_answer():
     else:
         got = spectral._top_eigenvalue(tri, 5)
         assert got == expected or (np.isnan(got) and np.isnan(expected))
+
+
+def _known_svd(m: int, n: int, top: tuple[float, ...], dtype: torch.dtype) -> tuple:
+    g = torch.Generator().manual_seed(7)
+    u = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    s = torch.linspace(1.0, 0.1, n, dtype=torch.float64)
+    s[: len(top)] = torch.tensor(top, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype), u.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("host", [True, False])
+def test_a_stall_at_the_second_singular_value_is_caught_by_the_check(dtype, host, monkeypatch):
+    # a warm start on the second singular vector (the top two crossed, or the weight
+    # jumped): the Krylov space never leaves it and the stopping rule calls it converged
+    if not host:
+        monkeypatch.setattr(spectral, "_HOST_DTYPES", ())
+    weight, u, v = _known_svd(64, 40, (2.0, 1.96), dtype)
+    sn = SpectralNormScale(weight, 1.0)
+    sn.u.copy_(u[:, 1])
+    sn.v.copy_(v[:, 1])
+    assert sn.refresh(weight, max_iterations=200, check=False)
+    assert float(sn.sigma(weight)) == pytest.approx(1.96, rel=1e-4)  # the stall
+    assert sn.refresh(weight, max_iterations=200, check=True)
+    assert float(sn.sigma(weight)) == pytest.approx(2.0, rel=1e-5)
+    # at the true top vector the complement's largest value is the second one
+    other, _ = sn.complement_sigma(weight, 1e-5)
+    assert other <= 1.96 * (1 + 1e-5)
+
+
+def test_evaluation_checks_every_refresh_and_training_one_in_sixteen(monkeypatch):
+    torch.manual_seed(5)
+    layer = spectral_norm(torch.nn.Linear(24, 32), 0.9)
+    sn = _param(layer)
+    calls = []
+    check = sn.complement_sigma
+    monkeypatch.setattr(sn, "complement_sigma", lambda w, t: calls.append(1) or check(w, t))
+    original = layer.parametrizations.weight.original
+    for _ in range(2 * spectral._CHECK_EVERY):
+        with torch.no_grad():
+            original.add_(1e-3 * torch.randn_like(original))
+        layer(torch.randn(3, 24))
+    assert len(calls) == 2
+    layer.eval()
+    layer(torch.randn(3, 24))  # the last training refresh was not checked: check it now
+    assert len(calls) == 3
+    layer(torch.randn(3, 24))  # nothing changed: no refresh, no check
+    assert len(calls) == 3
+    with torch.no_grad():
+        original.add_(1e-3 * torch.randn_like(original))
+    layer(torch.randn(3, 24))
+    assert len(calls) == 4
+
+
+def test_the_check_on_a_convolution_stays_under_its_second_singular_value():
+    from torch.nn.functional import conv2d
+
+    from pyro_invres.nn.spectral import ConvSpectralNormScale
+
+    torch.manual_seed(6)
+    kernel = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    sn = ConvSpectralNormScale(kernel, 1.0, (2, 5, 5), padding=1)
+    assert sn.refresh(kernel, max_iterations=500, check=True)
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x.view(1, 2, 5, 5), kernel, padding=1).flatten()
+
+    matrix = torch.autograd.functional.jacobian(conv, torch.zeros(50, dtype=torch.float64))
+    s = torch.linalg.svdvals(matrix)
+    assert float(sn.sigma(kernel)) == pytest.approx(float(s[0]), rel=1e-8)
+    other, vector = sn.complement_sigma(kernel, 1e-10)
+    assert vector is not None and other <= float(s[1]) * (1 + 1e-8)
