@@ -210,18 +210,20 @@ def test_best_settings_picks_each_guides_lowest_khat_and_marks_ties(tmp_path):
         row("residual", "kl", 0.01, 0, 0.60, -0.30, se=0.04, ratio=0.5),  # 0.1 > 2 x 0.04
         row("residual", "kl>0", 0.01, 0, 0.70, -0.10, ratio=0.9),  # higher k-hat: not chosen
         row("iaf", "kl", 0.01, 0, 0.65, -0.25),  # within 2 se of the top: a tie
-        row("mvn", "kl", 0.01, 0, 0.90, -0.20, se=0.01),  # the top IW log Z
-        row("mvn", "kl", 0.01, 1, 0.10, 5.0),  # another seed: filtered out below
+        row("mvn", "kl", 0.01, 0, 0.69, -0.20, se=0.01),  # the top reliable IW log Z
+        row("mvn", "kl", 0.01, 1, 0.11, 5.0),  # another seed: filtered out below
         row("normal", "kl>0.5", 0.01, 0, 0.05, 9.0),  # another objective: filtered out
+        row("spline", "kl", 0.01, 0, 1.20, 3.0),  # the highest, but k-hat >= 0.7
     ]
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in runs))
     table = so.best_settings([str(path)], seeds={0}, objectives={"kl", "kl>0"})
     lines = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
-    assert set(lines) == {"residual", "iaf", "mvn"}
+    assert set(lines) == {"residual", "iaf", "mvn", "spline"}
+    assert "3.00 ± 0.05 (unreliable)" in lines["spline"]
     assert "kl @ 0.01" in lines["residual"] and "**0.60**" in lines["residual"]
     assert "| 0.50 |" in lines["residual"]  # the neck of the chosen setting, not of kl>0
     assert "= -0.25" in lines["iaf"] and "**-0.20 ± 0.01**" in lines["mvn"]
     assert "-0.30 ± 0.04 |" in lines["residual"] and "= -0.30" not in lines["residual"]
     every = so.best_settings([str(path)])  # no filters: the other seed and objective count
-    assert "**0.05**" in every and "mvn | kl @ 0.01 | 2 | 0.50" in every
+    assert "**0.05**" in every and "mvn | kl @ 0.01 | 2 | 0.40" in every

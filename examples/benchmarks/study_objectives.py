@@ -73,6 +73,9 @@ def summarize(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+KHAT_RELIABLE = 0.7
+
+
 def best_settings(
     paths: list[str], seeds: set[int] | None = None, objectives: set[str] | None = None
 ) -> str:
@@ -83,7 +86,9 @@ def best_settings(
     Monte-Carlo standard error of a single run, or the spread over seeds when there are
     several) and the neck's sd against the reference are then read at that setting. Per
     model the lowest k-hat and the highest IW log Z are in bold, and IW log Z values
-    within two standard errors of the highest are marked as ties (``=``). Only runs of the
+    within two standard errors of the highest are marked as ties (``=``). An estimate at
+    k-hat >= 0.7 is unreliable (Vehtari et al., *Pareto smoothed importance sampling*):
+    it is marked so and cannot be the highest while a reliable one exists. Only runs of the
     ``seeds`` and ``objectives`` given (all when ``None``) count, so that every guide is
     compared on the same seeds and choices.
     """
@@ -122,13 +127,18 @@ def best_settings(
     for model in sorted(best):
         rows = best[model]
         low_k = min(r[0] for r in rows.values())
-        top = max(rows.values(), key=lambda r: r[1])
+        # an importance-weighted estimate is unreliable at k-hat >= 0.7 (its weights have
+        # at most about 1.4 finite moments): it cannot take the lead, however high
+        reliable = [r for r in rows.values() if r[0] < KHAT_RELIABLE] or list(rows.values())
+        top = max(reliable, key=lambda r: r[1])
         for guide in sorted(rows, key=lambda g: rows[g][0]):
             khat, iw, se, neck, objective, lr, n = rows[guide]
             k_cell = f"**{khat:.2f}**" if khat == low_k else f"{khat:.2f}"
             iw_cell = f"{iw:.2f} ± {se:.2f}"
             if rows[guide] is top:
                 iw_cell = f"**{iw_cell}**"
+            elif khat >= KHAT_RELIABLE and top[0] < KHAT_RELIABLE:
+                iw_cell = f"{iw_cell} (unreliable)"
             elif top[1] - iw <= 2 * max(se, top[2]):
                 iw_cell = f"= {iw_cell}"
             neck_cell = "-" if neck is None else f"{neck:.2f}"
