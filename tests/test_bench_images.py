@@ -132,3 +132,26 @@ def test_padded_mnist_reports_bits_per_original_pixel():
     total_bits = 1024 * bits_per_dim(800.0, 1024, scale=MNIST_LEVELS)  # the image's bits
     assert float(padded.bpd(log_p)) == pytest.approx(total_bits / 784)
     assert float(plain.bpd(log_p)) == pytest.approx(bits_per_dim(800.0, 784, MNIST_LEVELS))
+
+
+def test_compare_pairs_each_model_with_glow_seed_by_seed():
+    def result(seed, glow, other, residual=64, command=False):
+        def model(bpd, ms):
+            size = {"steps": 4, "residual": residual}
+            return {"test_bpd": bpd, "cpu_s_per_step": ms / 1e3, "size": size}
+
+        data = {"budget_cpu_s_per_model": 300.0}
+        data["models"] = {"glow": model(glow, 100), "glow_residual": model(other, 150)}
+        out = {"datasets": {"mnist": data}}
+        if command:  # files from before the seed was recorded: it is read off the command
+            out["command"] = f"python bench_images.py --seed {seed}"
+        else:
+            out["seed"] = seed
+        return out
+
+    runs = [result(1, 1.80, 1.90, command=True), result(0, 1.90, 1.86), result(0, 1.9, 1.8, 16)]
+    lines = bi.compare(runs).splitlines()[2:]
+    assert len(lines) == 2  # one row per size of the blocks
+    wide = next(line for line in lines if "residual 64" in line)
+    assert "| 0, 1 |" in wide and "| 1.850 | 1.880 |" in wide and "-0.040, +0.100" in wide
+    assert "+0.030 ± 0.070" in wide and "100-100 / 150-150" in wide

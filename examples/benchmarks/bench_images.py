@@ -754,6 +754,59 @@ def target_sentence(result: dict[str, Any]) -> str:
     return " ".join(out)
 
 
+def compare(results: Sequence[dict[str, Any]], base: str = "glow") -> str:
+    """Paired runs as a markdown table: each model against ``base``, seed by seed.
+
+    One row per (data set, model, size) over every results file that trained both: the
+    seeds, the mean test bits/dim of the base and of the model in those runs, the
+    difference by seed (model minus base: negative is a win), its mean with the standard
+    error over seeds, and the CPU milliseconds per step of each.
+    """
+    groups: dict[tuple, list[tuple]] = {}
+    for r in results:
+        seed = r.get("seed")
+        if seed is None:  # files written before the seed was recorded: read the command
+            words = r.get("command", "").split()
+            seed = int(words[words.index("--seed") + 1]) if "--seed" in words else 0
+        for name, data in r["datasets"].items():
+            models = data["models"]
+            if base not in models:
+                continue
+            b = models[base]
+            for model, m in models.items():
+                if model == base:
+                    continue
+                key = (name, data.get("budget_cpu_s_per_model"), model, json.dumps(m["size"]))
+                groups.setdefault(key, []).append((seed, b, m))
+    lines = [
+        f"| data | budget (CPU s) | model | size | seeds | {base} test bits/dim | model "
+        "| difference by seed | mean difference | CPU ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, budget, model, size), runs in sorted(groups.items(), key=str):
+        runs.sort(key=lambda t: (t[0] is None, t[0]))
+        diffs = [m["test_bpd"] - b["test_bpd"] for _, b, m in runs]
+        mean = sum(diffs) / len(diffs)
+        se = (
+            (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+            if len(diffs) > 1
+            else float("nan")
+        )
+        base_bpd = sum(b["test_bpd"] for _, b, _ in runs) / len(runs)
+        model_bpd = sum(m["test_bpd"] for _, _, m in runs) / len(runs)
+        ms_b = [1e3 * b["cpu_s_per_step"] for _, b, _ in runs]
+        ms_m = [1e3 * m["cpu_s_per_step"] for _, _, m in runs]
+        seeds = ", ".join(str(s) for s, _, _ in runs)
+        by_seed = ", ".join(f"{d:+.3f}" for d in diffs)
+        sizes = ", ".join(f"{k} {v}" for k, v in json.loads(size).items())
+        lines.append(
+            f"| {name} | {budget:g} | {model} | {sizes} "
+            f"| {seeds} | {base_bpd:.3f} | {model_bpd:.3f} | {by_seed} | {mean:+.3f} ± {se:.3f} "
+            f"| {min(ms_b):.0f}-{max(ms_b):.0f} / {min(ms_m):.0f}-{max(ms_m):.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def render(results: dict[str, Any]) -> str:
     """Tables and target sentences for every data set in a results JSON."""
     parts = []
@@ -815,6 +868,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
     parser.add_argument(
         "--merge", nargs="+", default=None, help="combine the data sets of results JSONs into --out"
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        help="print each model against glow, seed by seed, over these results JSONs",
+    )
     args = parser.parse_args(argv)
     for d in args.datasets:
         if d not in ("digits", "mnist"):
@@ -835,6 +894,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             print(text)
         return {}
+    if args.compare:
+        print(compare([json.loads(Path(p).read_text()) for p in args.compare]))
+        return {}
     if args.merge:
         merged = merge([json.loads(Path(p).read_text()) for p in args.merge])
         write_json(merged, Path(args.out) if args.out else RESULTS_DIR / "images_cpu.json")
@@ -851,6 +913,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cpu_clock": "time.thread_time() of the training thread (torch.set_num_threads(1))",
         "protocol": "equal CPU time per model in round-robin slices, validation after each "
         "slice (not charged), early stopping, test at the best validation state",
+        "seed": args.seed,
         "datasets": {},
     }
     path = Path(args.out) if args.out else RESULTS_DIR / f"images_{device.type}.json"
