@@ -403,24 +403,40 @@ class SpectralNormScale(nn.Module):
             return 0.0, None
         g = torch.Generator(device="cpu").manual_seed(0xC0C4EC)
         start = torch.randn(n, generator=g, dtype=x.dtype).to(x.device)
-
-        def gram(q: Tensor) -> Tensor:
-            q = q - x * torch.dot(x, q)
+        if self._on_host(weight):
+            # numpy views, as in _lanczos: a step is a few tiny products, where torch's
+            # per-operation dispatch would cost more than the arithmetic
+            w, x, start = weight.numpy(), x.numpy(), start.numpy()
             if on_inputs:
-                z = self._rmatvec(weight, self._matvec(weight, q))
+                operator = lambda q: w.T @ (w @ q)  # noqa: E731
             else:
-                z = self._matvec(weight, self._rmatvec(weight, q))
-            return z - x * torch.dot(x, z)
+                operator = lambda q: w @ (w.T @ q)  # noqa: E731
+        elif on_inputs:
+            operator = lambda q: self._rmatvec(weight, self._matvec(weight, q))  # noqa: E731
+        else:
+            operator = lambda q: self._matvec(weight, self._rmatvec(weight, q))  # noqa: E731
 
-        start = start - x * torch.dot(x, start)
-        basis = start.new_empty((min(_CHECK_STEPS, n - 1) + 1, n))
-        basis[0] = _normalize(start)
+        def gram(q: Any) -> Any:
+            z = operator(q - x * (x @ q))
+            return z - x * (x @ z)
+
+        start = start - x * (x @ start)
+        if isinstance(start, np.ndarray):
+            basis = np.empty((min(_CHECK_STEPS, n - 1) + 1, n), dtype=start.dtype)
+            basis[0] = start / max(float(np.sqrt(start @ start)), 1e-12)
+        else:
+            basis = start.new_empty((min(_CHECK_STEPS, n - 1) + 1, n))
+            basis[0] = _normalize(start)
         floor = 16 * torch.finfo(weight.dtype).eps
         sigma, _, ritz = _lanczos_iteration(gram, basis, 0.0, tol, floor)
         if ritz is None:
             return sigma, None
-        top = basis[: ritz.shape[0]].t() @ torch.from_numpy(ritz).to(basis)
-        return sigma, _normalize(top)
+        k = ritz.shape[0]
+        if isinstance(basis, np.ndarray):
+            top = torch.from_numpy(basis[:k].T @ ritz.astype(basis.dtype))
+        else:
+            top = basis[:k].t() @ torch.from_numpy(ritz).to(basis)
+        return sigma, _normalize(top.to(weight))
 
     def _exact(self, weight: Tensor) -> None:
         u, v = self._buffers["u"], self._buffers["v"]
