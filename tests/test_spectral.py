@@ -215,3 +215,119 @@ def test_the_check_on_a_convolution_stays_under_its_second_singular_value():
     assert float(sn.sigma(kernel)) == pytest.approx(float(s[0]), rel=1e-8)
     other, vector = sn.complement_sigma(kernel, 1e-10)
     assert vector is not None and other <= float(s[1]) * (1 + 1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_convolution_stalled_at_its_second_singular_value_is_caught(dtype):
+    # the torch path with the convolution as the operator: a warm start on the second
+    # singular vector of the brute-force operator matrix stalls there unless checked
+    from torch.nn.functional import conv2d
+
+    from pyro_invres.nn.spectral import ConvSpectralNormScale
+
+    torch.manual_seed(6)
+    kernel = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x.view(1, 2, 5, 5), kernel, padding=1).flatten()
+
+    matrix = torch.autograd.functional.jacobian(conv, torch.zeros(50, dtype=torch.float64))
+    left, s, right = torch.linalg.svd(matrix)
+    assert float(s[0]) > float(s[1]) * 1.05
+    kernel = kernel.to(dtype)
+    sn = ConvSpectralNormScale(kernel, 1.0, (2, 5, 5), padding=1)
+    for check, expected in ((False, s[1]), (True, s[0])):
+        sn.u.copy_(left[:, 1])
+        sn.v.copy_(right[1])
+        assert sn.refresh(kernel, max_iterations=500, check=check)
+        assert float(sn.sigma(kernel)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_stall_on_the_output_side_is_caught_and_a_checked_state_is_left_unchanged():
+    # out < in: Lanczos and the check run on W W^T (the ``u`` side)
+    weight, u, v = _known_svd(64, 40, (2.0, 1.96), torch.float32)
+    weight, u, v = weight.T.contiguous(), v, u
+    sn = SpectralNormScale(weight, 1.0)
+    assert sn.u.numel() < sn.v.numel()
+    sn.u.copy_(u[:, 1])
+    sn.v.copy_(v[:, 1])
+    assert sn.refresh(weight, max_iterations=200, check=True)
+    assert float(sn.sigma(weight)) == pytest.approx(2.0, rel=1e-5)
+    kept = sn.u.clone(), sn.v.clone()
+    assert sn.refresh(weight, max_iterations=200, check=True)
+    assert torch.equal(sn.u, kept[0]) and torch.equal(sn.v, kept[1])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_keeps_the_vectors_and_the_check_schedule_of_the_original(how):
+    # Registering the parametrization on the copy runs it once (torch checks the shape),
+    # which refreshed the copy's vectors: one capped step further for an unconverged
+    # state, and one refresh ahead in the check schedule, so the copy and the original
+    # then computed different layers.
+    import copy
+    import pickle
+
+    def clone(module: torch.nn.Module) -> torch.nn.Module:
+        if how == "deepcopy":
+            return copy.deepcopy(module)
+        return pickle.loads(pickle.dumps(module))
+
+    torch.manual_seed(3)
+    layer = spectral_norm(torch.nn.Linear(200, 256), 0.9, n_power_iterations=1)
+    original = layer.parametrizations.weight.original
+    with torch.no_grad():
+        original.mul_(3).add_(torch.randn_like(original))
+    x = torch.randn(3, 200)
+    layer(x)
+    assert not _param(layer)._converged  # a capped state
+    assert torch.equal(clone(layer)(x), layer(x))
+
+    # a stall in training: the check of the original's next refresh catches it
+    layer = spectral_norm(torch.nn.Linear(40, 64), 0.9)
+    sn = _param(layer)
+    weight, u, v = _known_svd(64, 40, (2.0, 1.96), torch.float32)
+    original = layer.parametrizations.weight.original
+    with torch.no_grad():
+        original.copy_(weight)
+    sn.u.copy_(u[:, 1])
+    sn.v.copy_(v[:, 1])
+    sn._mark_seen(original)
+    sn.__dict__.update(_converged=True, _refreshes=spectral._CHECK_EVERY - 1)
+    other = clone(layer)
+    step = 1e-4 * torch.randn_like(weight)
+    for module in (layer, other):
+        module.parametrizations.weight.original.data.add_(step)
+    assert torch.equal(other(x[:, :40]), layer(x[:, :40]))
+    assert _norm(layer.weight) <= 0.9 * (1 + 1e-5)
+
+
+def test_a_layer_pickled_before_the_check_existed_loads_and_is_checked():
+    import pickle
+
+    torch.manual_seed(4)
+    layer = spectral_norm(torch.nn.Linear(40, 64), 0.9)
+    layer(torch.randn(2, 40))
+    sn = _param(layer)
+    for key in ("_checked", "_refreshes"):  # as pickled by the code before them
+        del sn.__dict__[key]
+    loaded = pickle.loads(pickle.dumps(layer)).eval()
+    weight, u, v = _known_svd(64, 40, (2.0, 1.96), torch.float32)
+    loaded.parametrizations.weight.original.data.copy_(weight)
+    _param(loaded).u.copy_(u[:, 1])
+    _param(loaded).v.copy_(v[:, 1])
+    loaded(torch.randn(2, 40))
+    assert _norm(loaded.weight) <= 0.9 * (1 + 1e-5)
+
+
+def test_a_state_dict_with_stalled_vectors_is_checked_at_its_first_training_refresh():
+    # vectors the digest cannot vouch for: a full refresh, checked, in training mode too
+    layer = spectral_norm(torch.nn.Linear(40, 64), 0.9)
+    weight, u, v = _known_svd(64, 40, (2.0, 1.96), torch.float32)
+    state = layer.state_dict()
+    state["parametrizations.weight.original"] = weight
+    state["parametrizations.weight.0.u"] = u[:, 1].clone()
+    state["parametrizations.weight.0.v"] = v[:, 1].clone()
+    layer.load_state_dict(state)
+    assert layer.training and _param(layer)._full_refresh
+    layer(torch.randn(2, 40))
+    assert _norm(layer.weight) <= 0.9 * (1 + 1e-5)

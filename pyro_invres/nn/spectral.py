@@ -262,6 +262,9 @@ class SpectralNormScale(nn.Module):
     """
 
     _exact_ok = True  # dense layers: the Gram matrix of the smaller side is explicit
+    # defaults for layers pickled before these existed (unchecked, schedule from zero)
+    _checked = False
+    _refreshes = 0
     # bookkeeping that state_dict() writes without changing the map: a transform's cached
     # pair survives it (see pyro_invres.transforms.base)
     _cache_exempt_buffers = ("fresh", "weight_digest")
@@ -796,10 +799,25 @@ def _rebuild_parametrized(base: type, state: dict[str, Any], specs: list[tuple])
             module.register_parameter(name, original)
         else:
             module.register_buffer(name, original)
+        # registering runs the parametrization once (torch checks its output's shape),
+        # which refreshes a weight the copy has not seen: a capped step further for an
+        # unconverged state, one refresh on in the check schedule. Put back what came.
+        keys = ("_seen", "_weight_seen", "_converged", "_full_refresh", "_checked", "_refreshes")
+        kept = [
+            (p.u.clone(), p.v.clone(), p.fresh.clone(), {k: getattr(p, k) for k in keys})
+            if isinstance(p, SpectralNormScale)
+            else None
+            for p in params
+        ]
         for p in params:
             parametrize.register_parametrization(module, name, p, unsafe=unsafe)
         plist = module.parametrizations[name]
-        for p, (fresh, converged) in zip(plist, marks):
+        for p, (fresh, converged), saved in zip(plist, marks, kept):
+            if saved is not None:
+                p.u.copy_(saved[0])
+                p.v.copy_(saved[1])
+                p.fresh.copy_(saved[2])
+                p.__dict__.update(saved[3])
             if fresh:
                 p._mark_seen(plist.original)
                 p._converged = converged
