@@ -154,4 +154,13 @@ def test_compare_pairs_each_model_with_glow_seed_by_seed():
     assert len(lines) == 2  # one row per size of the blocks
     wide = next(line for line in lines if "residual 64" in line)
     assert "| 0, 1 |" in wide and "| 1.850 | 1.880 |" in wide and "-0.040, +0.100" in wide
-    assert "+0.030 ± 0.070" in wide and "100-100 / 150-150" in wide
+    assert "+0.030 ± 0.070" in wide and "100-100 / 150-150 | - |" in wide  # no curves
+    # learning per step: Glow's best within the hybrid's 200 steps (2.0) minus its best (1.9)
+    curves = result(0, 1.9, 1.8)
+    models = curves["datasets"]["mnist"]["models"]
+    models["glow"]["validation_curve"] = [
+        {"steps": 100, "val_bpd": 2.0},
+        {"steps": 300, "val_bpd": 1.5},
+    ]
+    models["glow_residual"]["validation_curve"] = [{"steps": 200, "val_bpd": 1.9}]
+    assert "| +0.100 to +0.100 |" in bi.compare([curves])

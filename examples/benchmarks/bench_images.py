@@ -760,7 +760,9 @@ def compare(results: Sequence[dict[str, Any]], base: str = "glow") -> str:
     One row per (data set, model, size) over every results file that trained both: the
     seeds, the mean test bits/dim of the base and of the model in those runs, the
     difference by seed (model minus base: negative is a win), its mean with the standard
-    error over seeds, and the CPU milliseconds per step of each.
+    error over seeds, the CPU milliseconds per step of each, and the learning per step:
+    the base's best validation bits/dim over as many steps as the model took, minus the
+    model's best (positive: the model is ahead at equal steps), min-max over seeds.
     """
     groups: dict[tuple, list[tuple]] = {}
     for r in results:
@@ -780,8 +782,8 @@ def compare(results: Sequence[dict[str, Any]], base: str = "glow") -> str:
                 groups.setdefault(key, []).append((seed, b, m))
     lines = [
         f"| data | budget (CPU s) | model | size | seeds | {base} test bits/dim | model "
-        "| difference by seed | mean difference | CPU ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| difference by seed | mean difference | CPU ms/step | ahead at equal steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, budget, model, size), runs in sorted(groups.items(), key=str):
         runs.sort(key=lambda t: (t[0] is None, t[0]))
@@ -796,15 +798,32 @@ def compare(results: Sequence[dict[str, Any]], base: str = "glow") -> str:
         model_bpd = sum(m["test_bpd"] for _, _, m in runs) / len(runs)
         ms_b = [1e3 * b["cpu_s_per_step"] for _, b, _ in runs]
         ms_m = [1e3 * m["cpu_s_per_step"] for _, _, m in runs]
+        ahead = [_ahead_at_equal_steps(b, m) for _, b, m in runs]
+        ahead_cell = (
+            "-" if None in ahead else f"{min(ahead):+.3f} to {max(ahead):+.3f}"  # type: ignore[type-var]
+        )
         seeds = ", ".join(str(s) for s, _, _ in runs)
         by_seed = ", ".join(f"{d:+.3f}" for d in diffs)
         sizes = ", ".join(f"{k} {v}" for k, v in json.loads(size).items())
         lines.append(
             f"| {name} | {budget:g} | {model} | {sizes} "
             f"| {seeds} | {base_bpd:.3f} | {model_bpd:.3f} | {by_seed} | {mean:+.3f} ± {se:.3f} "
-            f"| {min(ms_b):.0f}-{max(ms_b):.0f} / {min(ms_m):.0f}-{max(ms_m):.0f} |"
+            f"| {min(ms_b):.0f}-{max(ms_b):.0f} / {min(ms_m):.0f}-{max(ms_m):.0f} "
+            f"| {ahead_cell} |"
         )
     return "\n".join(lines)
+
+
+def _ahead_at_equal_steps(base: dict[str, Any], model: dict[str, Any]) -> float | None:
+    """Base's best validation bits/dim within the model's step count minus the model's best."""
+    curve_b, curve_m = base.get("validation_curve"), model.get("validation_curve")
+    if not curve_b or not curve_m:
+        return None
+    steps = curve_m[-1]["steps"]
+    within = [p["val_bpd"] for p in curve_b if p["steps"] <= steps]
+    if not within:
+        return None
+    return min(within) - min(p["val_bpd"] for p in curve_m)
 
 
 def render(results: dict[str, Any]) -> str:
