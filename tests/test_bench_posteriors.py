@@ -225,5 +225,13 @@ def test_best_settings_picks_each_guides_lowest_khat_and_marks_ties(tmp_path):
     assert "| 0.50 |" in lines["residual"]  # the neck of the chosen setting, not of kl>0
     assert "= -0.25" in lines["iaf"] and "**-0.20 ± 0.01**" in lines["mvn"]
     assert "-0.30 ± 0.04 |" in lines["residual"] and "= -0.30" not in lines["residual"]
+    # a setting run on fewer seeds than the guide's others is not chosen, however good
+    runs.append(row("iaf", "kl>0", 0.01, 1, 0.61, -0.25))
+    runs.append(row("iaf", "kl", 0.01, 1, 0.70, -0.25))
+    runs.append(row("iaf", "kl>0", 0.003, 0, 0.01, -0.25))
+    path.write_text("\n".join(json.dumps(r) for r in runs))
+    table = so.best_settings([str(path)], seeds={0, 1}, objectives={"kl", "kl>0"})
+    iaf = next(line for line in table.splitlines() if "| iaf |" in line)
+    assert "kl>0 @ 0.01 | 1 |" not in iaf and "kl @ 0.01 | 2 | 0.68" in iaf
     every = so.best_settings([str(path)])  # no filters: the other seed and objective count
     assert "**0.05**" in every and "mvn | kl @ 0.01 | 2 | 0.40" in every

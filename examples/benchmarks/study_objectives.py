@@ -82,7 +82,8 @@ def best_settings(
     """Per model, every guide at its best setting by mean k-hat, as a markdown table.
 
     The setting (objective, rate) is chosen by the Pareto k-hat alone, which needs no
-    reference posterior; the importance-weighted log Z (mean over the seeds, with the
+    reference posterior, among the guide's settings run on the most seeds (a setting with
+    fewer seeds could win by luck); the importance-weighted log Z (mean over the seeds, with the
     Monte-Carlo standard error of a single run, or the spread over seeds when there are
     several) and the neck's sd against the reference are then read at that setting. Per
     model the lowest k-hat and the highest IW log Z are in bold, and IW log Z values
@@ -105,8 +106,14 @@ def best_settings(
                     continue
                 key = (r["model"], r["guide"], r["objective"], float(r.get("lr") or bp.LR))
                 groups.setdefault(key, []).append(r)
+    # a guide's settings are compared on equal footing: only those run on the most seeds
+    most: dict[tuple, int] = {}
+    for key, runs in groups.items():
+        most[key[:2]] = max(most.get(key[:2], 0), len(runs))
     best: dict[str, dict[str, tuple]] = {}
     for key, runs in groups.items():
+        if len(runs) < most[key[:2]]:
+            continue
         khat = sum(r["khat"] for r in runs) / len(runs)
         iw = [r["iw_log_z"] for r in runs]
         mean_iw = sum(iw) / len(iw)
