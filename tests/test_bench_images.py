@@ -118,7 +118,7 @@ def test_residual_channels_option_sizes_the_hybrids_blocks(tmp_path):
     bi.main(argv + ["--residual-channels", "5"])
     model = json.loads(out.read_text())["datasets"]["digits"]["models"]["glow_residual"]
     assert model["size"]["residual"] == 5
-    assert bi.sizes("digits", False)["glow_residual"]["residual"] == 64  # the default kept
+    assert bi.sizes("digits", False)["glow_residual"]["residual"] == 16  # the default kept
 
 
 def test_padded_mnist_reports_bits_per_original_pixel():

@@ -197,7 +197,7 @@ def sizes(dataset: str, quick: bool) -> dict[str, dict[str, Any]]:
         "residual_flow": {"num_blocks": 4, "hidden": 64},
         "residual_flow_prior": {"num_blocks": 4, "hidden": 64},
         "glow": {"steps": 4, "hidden": 64},
-        "glow_residual": {"steps": 4, "hidden": 64, "residual": 64},
+        "glow_residual": {"steps": 4, "hidden": 64, "residual": 16},
         "irevnet": {"steps": 4, "hidden": 48},
         "nf_glow": {"steps": 4, "hidden": 64},
         "nf_residual": {"num_blocks": 4, "hidden": 64},
@@ -877,7 +877,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         "--residual-channels",
         type=int,
         default=None,
-        help="hidden units of glow_residual's pixelwise blocks (default 64, 8 with --quick)",
+        help="hidden units of glow_residual's pixelwise blocks (default 16, 8 with --quick)",
     )
     parser.add_argument("--figures", default=None, help="write the PNGs into this folder")
     parser.add_argument("--render", default=None, help="print the tables of a results JSON")
