@@ -6,7 +6,7 @@ import torch
 
 from pyro_invres.nn.made import MADE, made_masks
 from pyro_invres.transforms.autoregressive import affine_autoregressive
-from pyro_invres.transforms.dense_residual import DenseResidual
+from pyro_invres.transforms.dense_residual import DenseResidual, spectral_norms
 from tests.helpers import jacobian_logdet, residual_lipschitz
 
 
@@ -76,6 +76,37 @@ def test_dense_residual_keeps_its_lipschitz_bound_for_any_weights():
         return block._branch(z, w1, w2)[0]
 
     assert float(residual_lipschitz(branch, x)) <= 0.7 + 1e-9
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 4), (2, 4, 7), (1, 5, 5)])
+def test_spectral_norms_match_the_svd_with_its_gradient(shape):
+    # tall, wide and square: the Gram side is chosen by shape
+    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    reference = torch.linalg.matrix_norm(w, ord=2)
+    torch.testing.assert_close(spectral_norms(w), reference, rtol=1e-12, atol=0)
+    weights = torch.randn(shape[0], dtype=torch.float64)
+    (ours,) = torch.autograd.grad((spectral_norms(w) * weights).sum(), w)
+    (theirs,) = torch.autograd.grad((reference * weights).sum(), w)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    # twice differentiable (a Hessian through the caps is not silently truncated)
+    assert torch.autograd.gradgradcheck(spectral_norms, (w,))
+
+
+def test_spectral_norms_of_float32_weights_and_of_zero():
+    w = torch.randn(2, 62, 31)
+    exact = torch.linalg.matrix_norm(w.double(), ord=2)
+    # the Gram product's rounding: far below what the Lipschitz margin 1 - c needs
+    torch.testing.assert_close(spectral_norms(w).double(), exact, rtol=1e-5, atol=0)
+    zero = torch.zeros(2, 3, requires_grad=True)
+    norm = spectral_norms(zero)
+    assert 0 <= float(norm.detach()) < 1e-15
+    (grad,) = torch.autograd.grad(norm, zero)
+    assert torch.isfinite(grad).all()
+    for bad in (float("nan"), float("inf"), 1e20):  # 1e20: its square overflows float32
+        w = torch.ones(2, 2)
+        w[1, 0] = bad
+        with pytest.raises(torch.linalg.LinAlgError, match="non-finite Frobenius norm"):
+            spectral_norms(w)
 
 
 def test_dense_residual_refuses_bad_options():

@@ -136,7 +136,7 @@ class ConditionalDenseResidual(ConditionalTransformModule):
         """``(W1_hat, W2_hat)`` with ``||W1_hat||_2 <= 1`` and ``||W2_hat||_2 <= L``."""
         names = ("layer1", "layer2", "context_layer")
         params = [getattr(self, n) for n in names]
-        # one device sync: a non-finite V or bias would not fail the SVD, only poison y
+        # one device sync: a non-finite V or bias would not fail the eigensolver, only poison y
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             bad = [n for n, p in zip(names, params) if not bool(torch.isfinite(p).all())]
             raise ValueError(

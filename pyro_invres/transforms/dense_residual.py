@@ -13,8 +13,8 @@ The i-ResNet block of Behrmann et al. (2019) with the shallowest branch: ``Lip(g
 makes it invertible, and with one hidden layer the Jacobian is a product of two small
 matrices and a diagonal, so at the ``D`` of a posterior (tens of latents) the exact log-det
 is one batched ``D x D`` determinant instead of ``D`` forward-mode passes or a power series.
-The spectral norms ``||W_k||_2`` are computed exactly (singular values of an ``H x D``
-matrix): no power-iteration state to refresh or to go stale, so the bound holds at every
+The spectral norms ``||W_k||_2`` are computed exactly (the top eigenvalue of a small
+Gram matrix): no power-iteration state to refresh or to go stale, so the bound holds at every
 step, in either module mode. Sampling (``x -> y``) is explicit; the inverse (points the
 flow did not draw) is Newton's method on ``x + g(x) = y``, whose Jacobian is never
 singular (its singular values lie in ``[1 - c, 1 + c]``).
@@ -41,22 +41,56 @@ __all__ = [
     "dense_residual",
     "near_identity_layers",
     "solve_tolerance",
+    "spectral_norms",
 ]
+
+
+def spectral_norms(w: Tensor) -> Tensor:
+    """``||W||_2`` of each matrix of a batch: ``sqrt(lambda_max(W^T W))``, exact and smooth.
+
+    The largest eigenvalue of the smaller Gram matrix (``W^T W`` or ``W W^T``) by a
+    symmetric eigensolver: the same value as the largest singular value (to the Gram
+    product's rounding, about ``min(m, n) eps`` relative), with the same gradient
+    ``u v^T``, twice differentiable, and cheaper than an SVD (``matrix_norm(w, ord=2)``)
+    with its backward for the small matrices of a posterior guide's blocks, where the
+    solver call, not its arithmetic, is the cost (the step it saves is measured by
+    ``examples/benchmarks/bench_guide_step.py``). An all-zero matrix
+    has norm ``sqrt(tiny)`` (a finite gradient, 0, instead of ``sqrt``'s infinite one).
+    Raises ``torch.linalg.LinAlgError`` for non-finite entries, or entries whose squares
+    overflow the dtype (an SVD would give a finite norm there; training has diverged).
+
+    Example:
+        >>> w = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+        >>> spectral_norms(w).item()
+        3.0
+    """
+    gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
+    # the trace is ||W||_F^2 >= lambda_max: finite iff every entry is finite and the
+    # squares do not overflow; the eigensolver does not fail on every such input (a 2 x 2
+    # NaN matrix gives NaN eigenvalues), and an infinite norm would cap W to 0, silently
+    if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1).sum())):
+        raise torch.linalg.LinAlgError(
+            "spectral_norms: expected finite weights whose squares do not overflow "
+            f"({w.dtype}), got a non-finite Frobenius norm"
+        )
+    top = torch.linalg.eigvalsh(gram)[..., -1]
+    return top.clamp_min(torch.finfo(top.dtype).tiny).sqrt()
 
 
 def capped_weights(w1: Tensor, w2: Tensor, lipschitz: float) -> tuple[Tensor, Tensor]:
     """``(W1 / max(1, ||W1||_2), W2 / max(1, ||W2||_2 / c))``: ``Lip(W2 a(W1 x)) <= c``.
 
-    Both spectral norms come from one batched SVD (``W2`` and ``W2^T`` share their
-    singular values), exactly, so the bound holds at every step with no iteration state.
-    Raises ``torch.linalg.LinAlgError`` for non-finite weights (the SVD fails).
+    Both spectral norms come from one batched symmetric eigenvalue call
+    (:func:`spectral_norms`; ``W2`` and ``W2^T`` share their singular values), exactly, so
+    the bound holds at every step with no iteration state. Raises
+    ``torch.linalg.LinAlgError`` for non-finite weights (the eigensolver fails).
 
     Example:
         >>> w1, w2 = capped_weights(3 * torch.eye(2), torch.eye(2), 0.5)
         >>> torch.linalg.matrix_norm(w1, ord=2).item(), torch.linalg.matrix_norm(w2, ord=2).item()
         (1.0, 0.5)
     """
-    sigma = torch.linalg.matrix_norm(torch.stack([w1, w2.T]), ord=2)
+    sigma = spectral_norms(torch.stack([w1, w2.T]))
     cap = torch.clamp(sigma / sigma.new_tensor([1.0, lipschitz]), min=1.0)
     return w1 / cap[0], w2 / cap[1]
 
@@ -66,7 +100,7 @@ def checked_capped_weights(
 ) -> tuple[Tensor, Tensor]:
     """:func:`capped_weights` of two ``[weights | bias]`` layers, naming non-finite ones.
 
-    The SVD fails only on non-finite weights; the error then says which layer of ``owner``
+    The eigensolver fails only on non-finite weights; the error then says which layer of ``owner``
     diverged instead of a linear-algebra failure.
 
     Example:

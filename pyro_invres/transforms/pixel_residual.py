@@ -130,7 +130,7 @@ class PixelResidual(InvertibleModule):
             >>> tuple(w1.shape), tuple(w2.shape), bool(torch.linalg.matrix_norm(w2, 2) <= 0.5)
             ((5, 3), (3, 5), True)
         """
-        # exact spectral norms (one small SVD): no iteration state to go stale
+        # exact spectral norms (one small eigenvalue call): no iteration state to go stale
         return checked_capped_weights("PixelResidual", self.layer1, self.layer2, self.lipschitz)
 
     # -- per-pixel arithmetic on channels-last rows (..., C) ---------------------------------
