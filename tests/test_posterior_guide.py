@@ -200,3 +200,56 @@ def test_blocks_can_be_ablated_and_layers_interleave():
     # the second autoregressive layer runs in the reversed order
     orders = [p.order.tolist() for p in posterior_flow(3).parts if hasattr(p, "order")]
     assert orders == [[0, 1, 2], [2, 1, 0]]
+
+
+def test_student_t_base_learns_its_tails_and_scores_its_own_samples_exactly():
+    pyro.clear_param_store()
+    guide = AutoResidualFlow(_gaussian_model, base="student_t", base_df=5.0)
+    _train(guide, _gaussian_model, steps=150)
+    df = 1 + guide.base_log_df.detach().exp()
+    assert df.shape == (2,) and not torch.allclose(df, torch.full((2,), 5.0))
+    assert any(k.endswith("base_log_df") for k in pyro.get_param_store().keys())
+    posterior = guide.get_posterior()
+    with torch.no_grad():
+        z = posterior.sample((50,))
+        cached = posterior.log_prob(z)
+        flow = guide.get_transform()
+        x = flow.inv(z.clone())  # a clone: the real inverse, not the cached pair
+        direct = dist.StudentT(df, 0.0, 1.0).log_prob(x).sum(-1) - flow.log_abs_det_jacobian(
+            x, flow(x)
+        )
+    torch.testing.assert_close(cached, direct, atol=1e-4, rtol=1e-5)
+    # a state dict carries the tails; a guide with the other base refuses it
+    state = guide.state_dict()
+    pyro.clear_param_store()
+    fresh = AutoResidualFlow(_gaussian_model, base="student_t")
+    fresh()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.base_log_df, guide.base_log_df)
+    pyro.clear_param_store()
+    normal = AutoResidualFlow(_gaussian_model)
+    normal()
+    with pytest.raises(RuntimeError, match="base_log_df"):
+        normal.load_state_dict(state)
+    pyro.clear_param_store()
+
+
+def test_student_t_base_works_with_neutra():
+    pyro.clear_param_store()
+    guide = _train(AutoResidualFlow(_gaussian_model, base="student_t"), _gaussian_model, 100)
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    model = pyro.poutine.reparam(_gaussian_model, config=lambda site: neutra)
+    mcmc = pyro.infer.MCMC(pyro.infer.NUTS(model), num_samples=20, warmup_steps=20)
+    mcmc.run()
+    x = neutra.transform_sample(next(iter(mcmc.get_samples().values())))["x"]
+    assert x.shape == (20, 2) and torch.isfinite(x).all()
+    pyro.clear_param_store()
+
+
+def test_refuses_a_bad_base():
+    with pytest.raises(ValueError, match="base must be 'normal' or 'student_t', got 'cauchy'"):
+        AutoResidualFlow(_gaussian_model, base="cauchy")
+    with pytest.raises(ValueError, match="base_df must be a finite number > 1, got 1.0"):
+        AutoResidualFlow(_gaussian_model, base="student_t", base_df=1.0)
+    with pytest.raises(TypeError, match="base_df must be a real number"):
+        AutoResidualFlow(_gaussian_model, base="student_t", base_df=True)

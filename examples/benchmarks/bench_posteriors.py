@@ -27,6 +27,7 @@ the metrics use: the choice never looks at the reference. The guides are:
 ``residual-plain`` ``AutoNormalizingFlow(model, lambda d: residual_flow(d, num_blocks=4))``:
                    4 i-ResNet blocks with ActNorm (the issue's baseline)
 ``residual``       ``pyro_invres.autoguide.AutoResidualFlow(model)`` (where it exists)
+``residual-t``     ``AutoResidualFlow(model, base="student_t")``: a learned Student t base
 ================== ===========================================================================
 
 Two columns per guide: **equal steps** (``--steps``, default 2000) and **equal time**:
@@ -206,6 +207,7 @@ def guide_factories() -> dict[str, Callable[[Callable], Any]]:
     }
     if AutoResidualFlow is not None:
         guides["residual"] = AutoResidualFlow
+        guides["residual-t"] = lambda m: AutoResidualFlow(m, base="student_t")
     return guides
 
 
