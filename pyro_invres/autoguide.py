@@ -86,12 +86,12 @@ class AutoResidualFlow(AutoContinuous):
         init_loc_fn: where the affine map starts (a Pyro init strategy).
         base: the base distribution: ``"normal"`` (standard normal) or ``"student_t"``
             (a standard Student t per coordinate with its own learned degrees of freedom
-            ``nu_i = 1 + exp(theta_i)``). Every part of the flow is Lipschitz away from
-            the origin (the blocks by construction, the autoregressive layers by their
-            bounded log-scales), and a Lipschitz map of a Gaussian has Gaussian tails
-            (Jaini et al., *Tails of Lipschitz triangular flows*, ICML 2020): a t base
-            lets the guide's tails be heavier than the posterior's, which bounds the
-            importance weights there.
+            ``nu_i = 1 + exp(theta_i)``). Every part of the flow grows at most linearly,
+            ``|f(z)| <= a + b |z|`` (the blocks as ``Lip(g) <= c``, the autoregressive
+            layers by their bounded log-scales), so from a Gaussian base the guide's
+            tails stay Gaussian (the argument of Jaini et al., *Tails of Lipschitz
+            triangular flows*, ICML 2020); a t base lets them be heavier than the
+            posterior's, which bounds the importance weights there.
         base_df: the starting degrees of freedom of the ``"student_t"`` base (> 1).
 
     Example:
