@@ -13,6 +13,7 @@ in Pyro's global parameter store):
 ``residual``        ``AutoResidualFlow(model)``: the project's default
 ``residual-no-res`` ``AutoResidualFlow(model, num_blocks=0)``: the ablation without the
                     residual blocks
+``residual-t``      ``AutoResidualFlow(model, base="student_t")``: a learned Student t base
 =================== =====================================================================
 
 Timing interleaves the guides step by step in one process (``common.interleaved_timing``),
@@ -65,6 +66,7 @@ GUIDES: dict[str, Callable[[Callable], Any]] = {
     "mvn": _named(AutoMultivariateNormal, "mvn"),
     "residual": _named(AutoResidualFlow, "residual"),
     "residual-no-res": _named(AutoResidualFlow, "residual-no-res", num_blocks=0),
+    "residual-t": _named(AutoResidualFlow, "residual-t", base="student_t"),
 }
 
 
