@@ -27,8 +27,8 @@ layers 0.60); on non-centred eight schools (0.48 against 0.43) and logistic regr
 (one seed: 0.53 against 0.50, ``AutoIAFNormal`` 0.70) they earn nothing. The seed-to-seed
 spread of k-hat is about 0.1. Cost (``examples/benchmarks/bench_guide_step.py``,
 ``results/guide_step_cpu.json``, interleaved, one thread's CPU time): an SVI step costs
-1.7-1.9x ``AutoIAFNormal``'s at ``D = 10`` and 23, 2.2x at ``D = 31`` (1.2-1.4x without
-the blocks). The blocks are kept cheap for a posterior's size: one hidden layer, so the
+1.7-1.8x ``AutoIAFNormal``'s at ``D = 10``, 1.6x at 23, 2.0x at ``D = 31`` (1.2-1.3x
+without the blocks). The blocks are kept cheap for a posterior's size: one hidden layer, so the
 exact log-det is one batched ``D x D`` determinant, and exact spectral norms (one small
 symmetric eigenvalue call) instead of power iterations.
 
