@@ -253,3 +253,16 @@ def test_refuses_a_bad_base():
         AutoResidualFlow(_gaussian_model, base="student_t", base_df=1.0)
     with pytest.raises(TypeError, match="base_df must be a real number"):
         AutoResidualFlow(_gaussian_model, base="student_t", base_df=True)
+
+
+def test_pyro_psis_diagnostic_scores_the_trained_guide(trained_guide):
+    # the docs' recipe for choosing a setting by k-hat: the guide's own exact densities
+    from pyro.infer.importance import psis_diagnostic
+
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        k_hat = psis_diagnostic(_gaussian_model, trained_guide, num_particles=4000)
+    # usable (PSIS's bar); not near 0 as for AutoMultivariateNormal (0.1-0.2 here): the
+    # guide's nonlinear layers, grown while its affine scale catches up from 0.1, leave the
+    # tails a little lighter than the bulk (0.53-0.63 over four draws of 4000)
+    assert math.isfinite(k_hat) and k_hat < 0.7
