@@ -235,3 +235,20 @@ def test_best_settings_picks_each_guides_lowest_khat_and_marks_ties(tmp_path):
     assert "kl>0 @ 0.01 | 1 |" not in iaf and "kl @ 0.01 | 2 | 0.68" in iaf
     every = so.best_settings([str(path)])  # no filters: the other seed and objective count
     assert "**0.05**" in every and "mvn | kl @ 0.01 | 2 | 0.40" in every
+
+
+def test_summary_keeps_a_warm_start_with_another_kl_share_apart(tmp_path):
+    import study_objectives as so
+
+    def row(seed, switch, khat):
+        return {"model": "funnel", "guide": "residual-t", "objective": "kl>0", "lr": 0.003,
+                "seed": seed, "steps": 2000, "switch": switch, "khat": khat, "iw_log_z": -0.1,
+                "neck": {"v": {"ratio": 1.0}}, "error": None}  # fmt: skip
+
+    path = tmp_path / "runs.jsonl"
+    runs = [row(0, 1000, 0.6), row(1, 1000, 0.8), row(0, 500, 0.3)]
+    path.write_text("\n".join(json.dumps(r) for r in runs))
+    lines = so.summarize([str(path)]).splitlines()[2:]
+    assert len(lines) == 2
+    assert any("| kl>0 | 0.003 | 2 | 0.70 (0.60-0.80)" in line for line in lines)
+    assert any("| kl>0 (KL 25%) | 0.003 | 1 | 0.30 (0.30-0.30)" in line for line in lines)

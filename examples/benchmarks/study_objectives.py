@@ -37,6 +37,14 @@ from common import env_info  # noqa: E402
 from posterior_reference import load_reference  # noqa: E402
 
 
+def _objective(run: dict) -> str:
+    """The run's objective, with KL's share of the steps where not the default half."""
+    switch, steps = run.get("switch"), run.get("steps")
+    if switch is None or not steps or switch == round(0.5 * steps):
+        return run["objective"]
+    return f"{run['objective']} (KL {switch / steps:.0%})"
+
+
 def summarize(paths: list[str]) -> str:
     """A markdown table of the runs in ``paths``: mean and spread over seeds per setting.
 
@@ -49,7 +57,7 @@ def summarize(paths: list[str]) -> str:
         with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                key = (r["model"], r["guide"], r["objective"], float(r.get("lr") or bp.LR))
+                key = (r["model"], r["guide"], _objective(r), float(r.get("lr") or bp.LR))
                 groups.setdefault(key, []).append(r)
     out = [
         "| model | guide | objective | lr | seeds | k-hat mean (min-max) | IW log Z "
@@ -104,7 +112,7 @@ def best_settings(
                     continue
                 if r.get("khat") is None or r.get("error"):
                     continue
-                key = (r["model"], r["guide"], r["objective"], float(r.get("lr") or bp.LR))
+                key = (r["model"], r["guide"], _objective(r), float(r.get("lr") or bp.LR))
                 groups.setdefault(key, []).append(r)
     # a guide's settings are compared on equal footing: only those run on the most seeds
     most: dict[tuple, int] = {}
