@@ -252,3 +252,22 @@ def test_summary_keeps_a_warm_start_with_another_kl_share_apart(tmp_path):
     assert len(lines) == 2
     assert any("| kl>0 | 0.003 | 2 | 0.70 (0.60-0.80)" in line for line in lines)
     assert any("| kl>0 (KL 25%) | 0.003 | 1 | 0.30 (0.30-0.30)" in line for line in lines)
+
+
+def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergences(tmp_path):
+    import study_objectives as so
+
+    def row(seed, ess, div, neutra=True):
+        run = {"model": "funnel", "guide": "iaf", "objective": "kl", "lr": 0.01, "seed": seed,
+               "khat": 0.5, "iw_log_z": 0.0, "neck": {}, "error": None}  # fmt: skip
+        if neutra:
+            run["neutra"] = {"ess_per_grad": ess, "divergences": div, "max_rhat": 1.0 + seed / 10,
+                             "neck": {"v": {"ratio": 0.5 + seed / 10}}}  # fmt: skip
+        return run
+
+    path = tmp_path / "runs.jsonl"
+    runs = [row(1, 0.004, 7), row(0, 0.002, 3), row(2, 0.9, 0, neutra=False)]
+    path.write_text("\n".join(json.dumps(r) for r in runs))
+    lines = so.neutra_summary([str(path)]).splitlines()[2:]
+    # the run without NeuTra is not a row's seed; divergences are listed in seed order
+    assert lines == ["| funnel | iaf | kl | 0.01 | 2 | 3.00 (2.00-4.00) | 3, 7 | 1.100 | 0.55 |"]

@@ -164,11 +164,49 @@ def best_settings(
     return "\n".join(out)
 
 
+def neutra_summary(paths: list[str]) -> str:
+    """A markdown table of the NeuTra-HMC runs in ``paths`` (rows with ``--neutra``).
+
+    One row per (model, guide, objective, rate): the seeds, the minimum bulk ESS per 1,000
+    gradient evaluations as the mean (min-max) over seeds, the divergences of each seed,
+    the largest R-hat, and the mean ratio of the chains' neck sd to the reference's.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("neutra"):
+                    key = (r["model"], r["guide"], _objective(r), float(r.get("lr") or bp.LR))
+                    groups.setdefault(key, []).append(r)
+    out = [
+        "| model | guide | objective | lr | seeds | ESS / 1k grads mean (min-max) "
+        "| divergences by seed | max R-hat | neck sd / ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups):
+        runs = sorted(groups[key], key=lambda r: r["seed"])
+        ess = [1000 * r["neutra"]["ess_per_grad"] for r in runs]
+        div = ", ".join(str(r["neutra"]["divergences"]) for r in runs)
+        rhat = max(r["neutra"]["max_rhat"] for r in runs)
+        necks = [next(iter(n.values()))["ratio"] for r in runs if (n := r["neutra"].get("neck"))]
+        neck = f"{sum(necks) / len(necks):.2f}" if necks else "-"
+        out.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {len(runs)} "
+            f"| {sum(ess) / len(ess):.2f} ({min(ess):.2f}-{max(ess):.2f}) | {div} "
+            f"| {rhat:.3f} | {neck} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--summary"]:  # study_objectives.py --summary runs.jsonl [...]
         print(summarize(argv[1:]))
+        return {}
+    if argv[:1] == ["--neutra-summary"]:  # --neutra-summary runs.jsonl [...]
+        print(neutra_summary(argv[1:]))
         return {}
     if argv[:1] == ["--best"]:  # --best [--seeds 0,1] [--objectives kl,kl>0] runs.jsonl ...
         rest, picks = argv[1:], {"--seeds": None, "--objectives": None}
