@@ -10,6 +10,7 @@ each failure names what was expected and what came.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import tempfile
@@ -467,3 +468,257 @@ def test_enumerated_discrete_sites_compose_with_the_guide_exactly():
         pyro.set_rng_seed(seed)
         by_hand = Trace_ELBO().loss(summed, guide, data)
         assert abs(enumerated - by_hand) < 1e-4 * abs(by_hand), (enumerated, by_hand)
+
+
+# -- the Student t base (base="student_t"): heavy-tailed posteriors known exactly ----------
+# t_3 quantiles at 0.05, 0.25, 0.5, 0.75, 0.95 (tables), and P(|x| < 1) = 2 F(1) - 1
+_T3_PROBS = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+_T3_QUANTILES = torch.tensor([-2.3534, -0.7649, 0.0, 0.7649, 2.3534])
+_T3_INSIDE_ONE = 0.6090
+
+
+def _t_model() -> None:
+    # no data: the posterior is the prior t_3, and the evidence is exactly 1
+    pyro.sample("x", dist.StudentT(3.0, 0.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def t_guides() -> dict[str, AutoResidualFlow]:
+    guides = {}
+    # the normal base only serves the k-hat comparison: 500 steps are enough for it
+    for base, steps in (("student_t", 1000), ("normal", 500)):
+        pyro.clear_param_store()
+        guide = AutoResidualFlow(_t_model, base=base)
+        guides[base] = _fit(_t_model, guide, Trace_ELBO(**_particles()), steps, 2e-2, 4e-4)
+    pyro.clear_param_store()
+    return guides
+
+
+def test_student_t_base_recovers_a_t3_posterior_and_learns_heavy_tails(t_guides):
+    guide = t_guides["student_t"]
+    # the degrees of freedom start at 10 and must head for the posterior's 3 (2.2-3.4
+    # over seeds and run lengths: the flow shares the tail's shape with the base)
+    df = float(1 + guide.base_log_df.detach().exp())
+    assert df < 6, df
+    pyro.set_rng_seed(20)
+    with torch.no_grad():
+        x = guide.get_posterior().sample((40_000,)).squeeze(-1)
+    # t_3 has sd sqrt(3): MC error of the mean 0.009; of a central quantile about 0.01
+    assert abs(float(x.mean())) < 0.06, float(x.mean())
+    q = torch.quantile(x, _T3_PROBS)
+    assert (q[1:4] - _T3_QUANTILES[1:4]).abs().max() < 0.08, q
+    # the 5% tails: MC error 0.03; the rest is the optimisation of 1000 steps
+    assert (q - _T3_QUANTILES).abs().max() < 0.2, q
+
+
+def test_student_t_base_scores_exactly_evidence_one_and_unit_mass(t_guides):
+    guide = t_guides["student_t"]
+    pyro.set_rng_seed(21)
+    n = 20_000
+    with torch.no_grad():
+        log_w = vectorized_importance_weights(_t_model, guide, num_samples=n, max_plate_nesting=0)[
+            0
+        ].double()
+    estimate = float(log_w.logsumexp(0) - math.log(n))
+    w = (log_w - log_w.max()).exp()
+    se = float(w.std() / w.mean()) / math.sqrt(n)
+    # log Z = 0: a wrong base log-density (a df off, a missing normaliser) shifts this
+    assert abs(estimate) < 5 * se + 2e-3, (estimate, se)
+    importance = Importance(_t_model, guide=guide, num_samples=300).run()
+    assert abs(float(importance.get_log_normalizer())) < 0.05
+    # points it did not draw (the inverse through the blocks) on a grid out to +-200,
+    # past which t_3-like tails hold ~1e-6 of the mass
+    grid = torch.linspace(-200.0, 200.0, 80_001).unsqueeze(-1)
+    with torch.no_grad():
+        mass = float(guide.get_posterior().log_prob(grid).double().exp().sum()) * 400 / 80_000
+    assert abs(mass - 1) < 1e-3, mass
+
+
+def test_student_t_base_bounds_the_importance_weights_of_a_t3_posterior(t_guides):
+    from pyro.infer.importance import psis_diagnostic
+
+    # log Z = 0, so a log weight is log p - log q itself. Gaussian tails under a t_3 give
+    # unbounded weights; the t base (df near 2-3) keeps them below ~e^0.3 (measured)
+    pyro.set_rng_seed(22)
+    with torch.no_grad():
+        log_w = {
+            base: vectorized_importance_weights(
+                _t_model, guide, num_samples=20_000, max_plate_nesting=0
+            )[0]
+            for base, guide in t_guides.items()
+        }
+        k_normal = psis_diagnostic(_t_model, t_guides["normal"], num_particles=5000)
+    assert float(log_w["student_t"].max()) < 1.0, float(log_w["student_t"].max())
+    assert float(log_w["normal"].max()) > 2.0, float(log_w["normal"].max())
+    assert k_normal > 0.7, k_normal
+    # not asserted: Pyro's psis_diagnostic gives this t-base guide k-hat 4.7-5.1 (seeds
+    # 0-2, 1000 steps; 0.37-0.58 after 500), although its weights are bounded: the
+    # generalised Pareto fit of a tail piled against its upper bound is not meaningful
+
+
+def test_student_t_base_neutra_nuts_samples_a_t3(t_guides):
+    guide = t_guides["student_t"]
+    guide.requires_grad_(False)
+    try:
+        neutra = NeuTraReparam(guide)
+        warped = pyro.poutine.reparam(_t_model, config=lambda msg: neutra)
+        pyro.set_rng_seed(23)
+        mcmc = MCMC(NUTS(warped), num_samples=200, warmup_steps=100, disable_progbar=True)
+        mcmc.run()
+        (latent,) = mcmc.get_samples().values()
+        with torch.no_grad():
+            x = neutra.transform_sample(latent)["x"]
+    finally:
+        guide.requires_grad_(True)
+    inside = (x.abs() < 1).double()
+    ess = float(effective_sample_size(inside.reshape(1, -1, 1)).clamp(min=20))
+    # 5 MC standard errors of a probability near 0.6 from ess draws
+    assert abs(float(inside.mean()) - _T3_INSIDE_ONE) < 5 * math.sqrt(0.24 / ess), (
+        float(inside.mean()),
+        ess,
+    )
+
+
+# normal-gamma: tau ~ Gamma(a, b), mu | tau ~ N(m, 1 / (k tau)), one y ~ N(mu, 1 / tau);
+# mu's marginal posterior is a t with 2 a' = 3 degrees of freedom, tau's a Gamma
+_NG_A, _NG_B, _NG_K, _NG_M, _NG_Y = 1.0, 1.0, 1.0, 0.0, 2.0
+_NG_K1, _NG_A1 = _NG_K + 1, _NG_A + 0.5
+_NG_M1 = (_NG_K * _NG_M + _NG_Y) / _NG_K1
+_NG_B1 = _NG_B + _NG_K * (_NG_Y - _NG_M) ** 2 / (2 * _NG_K1)
+_NG_MU_SCALE = math.sqrt(_NG_B1 / (_NG_A1 * _NG_K1))
+_NG_LOG_Z = (
+    math.lgamma(_NG_A1)
+    - math.lgamma(_NG_A)
+    + _NG_A * math.log(_NG_B)
+    - _NG_A1 * math.log(_NG_B1)
+    + 0.5 * math.log(_NG_K / _NG_K1)
+    - 0.5 * math.log(2 * math.pi)
+)
+
+
+def _normal_gamma_model() -> None:
+    tau = pyro.sample("tau", dist.Gamma(_NG_A, _NG_B))  # positive: a log transform
+    mu = pyro.sample("mu", dist.Normal(_NG_M, (_NG_K * tau).rsqrt()))
+    pyro.sample("y", dist.Normal(mu, tau.rsqrt()), obs=torch.tensor(_NG_Y))
+
+
+def test_student_t_base_on_a_constrained_site_matches_the_normal_gamma_posterior():
+    guide = AutoResidualFlow(_normal_gamma_model, base="student_t")
+    _fit(_normal_gamma_model, guide, Trace_ELBO(**_particles()), 500, 2e-2, 4e-4)
+    pyro.set_rng_seed(24)
+    draws = Predictive(_normal_gamma_model, guide=guide, num_samples=20_000, parallel=True)()
+    assert (draws["tau"] > 0).all()
+    tau = dist.Gamma(_NG_A1, _NG_B1)
+    # tau: mean 0.75, sd 0.61; MC error 0.007 sd, the rest the fit of 500 steps
+    assert abs(float(draws["tau"].mean()) - float(tau.mean)) < 0.1 * float(tau.stddev)
+    assert abs(float(draws["tau"].std()) / float(tau.stddev) - 1) < 0.1
+    # mu's central quantiles in units of its t scale (0.82); its 5% tails come out about
+    # 0.2 scale short after 500 steps, with either base (not asserted)
+    q = torch.quantile(draws["mu"], _T3_PROBS[1:4])
+    exact = _NG_M1 + _NG_MU_SCALE * _T3_QUANTILES[1:4]
+    assert ((q - exact).abs() / _NG_MU_SCALE).max() < 0.1, (q, exact)
+    importance = Importance(_normal_gamma_model, guide=guide, num_samples=300).run()
+    assert abs(float(importance.get_log_normalizer()) - _NG_LOG_Z) < 0.05
+
+
+def test_student_t_base_round_trips_keep_its_degrees_of_freedom(t_guides):
+    guide = t_guides["student_t"]
+    z = torch.linspace(-30.0, 30.0, 13).unsqueeze(-1)
+    with torch.no_grad():
+        expected = guide.get_posterior().log_prob(z)
+    # state dict into a fresh guide started elsewhere (base_df=4): base_log_df comes too
+    pyro.clear_param_store()
+    fresh = AutoResidualFlow(_t_model, base="student_t", base_df=4.0)
+    fresh()
+    fresh.load_state_dict(guide.state_dict())
+    buffer = io.BytesIO()
+    torch.save(guide, buffer)
+    buffer.seek(0)
+    copies = [fresh, torch.load(buffer, weights_only=False), copy.deepcopy(guide)]
+    for other in copies:
+        with torch.no_grad():
+            assert torch.equal(other.get_posterior().log_prob(z.clone()), expected)
+    # the two bases' state dicts do not mix, and PyTorch's refusal names the parameter
+    pyro.clear_param_store()
+    normal = AutoResidualFlow(_t_model)
+    normal()
+    with pytest.raises(RuntimeError, match="Unexpected key.*base_log_df"):
+        normal.load_state_dict(guide.state_dict())
+    with pytest.raises(RuntimeError, match="Missing key.*base_log_df"):
+        fresh.load_state_dict(normal.state_dict())
+    # eval() draws as train() does
+    pyro.set_rng_seed(25)
+    a = guide.get_posterior().sample((20,))
+    guide.eval()
+    try:
+        pyro.set_rng_seed(25)
+        b = guide.get_posterior().sample((20,))
+    finally:
+        guide.train()
+    assert torch.equal(a, b)
+    # to(float64) after training: the df parameter follows, the density is kept
+    wide = copies[1].to(torch.float64)
+    assert wide.base_log_df.dtype == torch.float64
+    with torch.no_grad():
+        got = wide.get_posterior().log_prob(z.double())
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-4)
+    # a loaded guide resumes training, its df included, once the store is cleared (the
+    # store would otherwise hand SVI the original's tensors)
+    pyro.clear_param_store()
+    before = copies[2].base_log_df.detach().clone()
+    svi = SVI(_t_model, copies[2], pyro.optim.Adam({"lr": 1e-1}), Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    assert not torch.equal(copies[2].base_log_df, before)
+    pyro.clear_param_store()
+
+
+def test_student_t_base_in_float64_scores_its_draws_exactly(float64_default):
+    # log q of its own draws must be the t base's log density minus log|det J|, to rounding
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("s", dist.HalfCauchy(1.0))
+
+    pyro.clear_param_store()
+    guide = AutoResidualFlow(model, base="student_t", base_df=3.0)
+    assert guide()["s"].dtype == torch.float64
+    assert guide.base_log_df.dtype == torch.float64
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(26)
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    df = 1 + guide.base_log_df.detach().exp()
+    posterior = guide.get_posterior()
+    u = dist.StudentT(df).sample((4,))
+    flow = guide.get_transform()
+    log_q = posterior.log_prob(flow(u))
+    for k in range(4):
+        jac = torch.autograd.functional.jacobian(lambda v: flow.call(v, cached=False), u[k])
+        ref = dist.StudentT(df).log_prob(u[k]).sum() - torch.linalg.slogdet(jac)[1]
+        torch.testing.assert_close(log_q[k], ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (
+            {"base": "Student_t"},
+            ValueError,
+            "base must be 'normal' or 'student_t', got 'Student_t'",
+        ),
+        ({"base": None}, ValueError, "base must be 'normal' or 'student_t', got None"),
+        ({"base_df": 0}, ValueError, "base_df must be a finite number > 1, got 0"),
+        ({"base_df": 1}, ValueError, "base_df must be a finite number > 1, got 1"),
+        ({"base_df": math.nan}, ValueError, "base_df must be a finite number > 1, got nan"),
+        ({"base_df": math.inf}, ValueError, "base_df must be a finite number > 1, got inf"),
+        ({"base_df": "10"}, TypeError, "base_df must be a real number, got '10'"),
+        ({"base_df": True}, TypeError, "base_df must be a real number, got True"),
+        ({"base_df": torch.tensor(5.0)}, TypeError, r"base_df must be a real number, got tensor"),
+        # before: accepted, and float32 StudentT.log_prob lost its normaliser (0.92 nats
+        # per coordinate at 1e7), so evidence and importance weights came out wrong
+        ({"base_df": 1e7}, ValueError, r"base_df must be <= 1000 .* got 10000000.0"),
+    ],
+)
+def test_bad_base_options_fail_naming_option_and_value(options, error, message):
+    with pytest.raises(error, match=message):
+        AutoResidualFlow(_tiny_model, **{"base": "student_t", **options})

@@ -14,7 +14,8 @@ Example:
     ``python examples/benchmarks/study_objectives.py --summary FILE [FILE ...]`` prints the
     mean over seeds of each setting as a markdown table, and ``--best [--seeds 0,1]
     [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
-    (reference-free), per model.
+    (reference-free), per model; ``--neutra-summary FILE [FILE ...]`` the NeuTra-HMC runs
+    (``--neutra``) by setting.
 """
 
 from __future__ import annotations
