@@ -617,8 +617,13 @@ def test_student_t_base_on_a_constrained_site_matches_the_normal_gamma_posterior
     q = torch.quantile(draws["mu"], _T3_PROBS[1:4])
     exact = _NG_M1 + _NG_MU_SCALE * _T3_QUANTILES[1:4]
     assert ((q - exact).abs() / _NG_MU_SCALE).max() < 0.1, (q, exact)
-    importance = Importance(_normal_gamma_model, guide=guide, num_samples=300).run()
-    assert abs(float(importance.get_log_normalizer()) - _NG_LOG_Z) < 0.05
+    # the evidence from 20,000 weights: this guide's k-hat is near 0.9 (heavy weights, a
+    # low-biased estimate), so 300 sequential draws missed by 0.05; measured 0.004 here
+    with torch.no_grad():
+        log_w = vectorized_importance_weights(
+            _normal_gamma_model, guide, num_samples=20_000, max_plate_nesting=0
+        )[0].double()
+    assert abs(float(log_w.logsumexp(0) - math.log(20_000)) - _NG_LOG_Z) < 0.03
 
 
 def test_student_t_base_round_trips_keep_its_degrees_of_freedom(t_guides):
