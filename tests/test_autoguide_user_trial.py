@@ -727,3 +727,53 @@ def test_student_t_base_in_float64_scores_its_draws_exactly(float64_default):
 def test_bad_base_options_fail_naming_option_and_value(options, error, message):
     with pytest.raises(error, match=message):
         AutoResidualFlow(_tiny_model, **{"base": "student_t", **options})
+
+
+@pytest.mark.parametrize("base", ["normal", "student_t"])
+@pytest.mark.parametrize("how", ["deepcopy", "torch.load"])
+def test_a_copy_trained_in_the_same_process_trains_and_the_original_still_does(base, how):
+    # found by the user trial: the copy has the original's parameter names, so pyro.param
+    # handed SVI the original's stored tensors and the copy silently never trained
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    original = AutoResidualFlow(_gauss_model, base=base)
+    svi = SVI(_gauss_model, original, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(5):
+        svi.step()
+    if how == "deepcopy":
+        twin = copy.deepcopy(original)
+    else:
+        buffer = io.BytesIO()
+        torch.save(original, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+
+    def snapshot(guide):
+        return [p.detach().clone() for p in guide.parameters()]
+
+    def moved(before, guide):
+        return any(not torch.equal(b, p) for b, p in zip(before, guide.parameters()))
+
+    twin_before, original_before = snapshot(twin), snapshot(original)
+    twin_svi = SVI(_gauss_model, twin, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(5):
+        twin_svi.step()
+    assert moved(twin_before, twin) and not moved(original_before, original)
+    original_before = snapshot(original)
+    for _ in range(5):
+        svi.step()
+    assert moved(original_before, original)
+    pyro.clear_param_store()
+
+
+def test_base_df_with_a_normal_base_is_refused_and_learned_df_is_held_at_its_bound():
+    with pytest.raises(ValueError, match="base_df applies to base='student_t' only, got base_df=5"):
+        AutoResidualFlow(_tiny_model, base_df=5)
+    pyro.clear_param_store()
+    guide = AutoResidualFlow(_tiny_model, base="student_t")
+    guide()
+    with torch.no_grad():
+        guide.base_log_df.fill_(30.0)  # df = 1 + e^30, as a long run could drift to
+    df = guide.get_base_dist().base_dist.df
+    assert float(df.max()) == 1000.0
+    pyro.clear_param_store()
