@@ -72,7 +72,10 @@ class AutoResidualFlow(AutoContinuous):
     Build each guide after ``pyro.clear_param_store()`` (a second guide of the same name
     would silently not train, so it raises). Save and restore it with ``state_dict`` /
     ``load_state_dict`` on a guide already called once, or ``torch.save`` the guide: the
-    param store's ``save``/``load`` cannot restore the flow. It has no ``median`` or
+    param store's ``save``/``load`` cannot restore the flow. A copy (``copy.deepcopy``, or
+    ``torch.load`` in the process that trained the original) trains on its own: whichever
+    guide is called holds the param store's entries under their shared names. It has no
+    ``median`` or
     ``quantiles`` (not Gaussian): estimate them from draws (``Predictive``). Latent sites
     in a subsampled plate are refused.
 
