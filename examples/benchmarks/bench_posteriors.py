@@ -29,6 +29,8 @@ the metrics use: the choice never looks at the reference. The guides are:
 ``residual``       ``pyro_invres.autoguide.AutoResidualFlow(model)`` (where it exists)
 ``residual-t``     ``AutoResidualFlow(model, base="student_t")``: a learned Student t base
 ``residual-i1``    ``AutoResidualFlow(model, init_scale=1.0)``: studied, not kept (only by name)
+``residual-t-ls8`` the t base with ``log_scale_bound=8``: studied (only by name)
+``residual-t-ar3`` the t base with 3 autoregressive layers and 3 blocks: studied (by name)
 ================== ===========================================================================
 
 Two columns per guide: **equal steps** (``--steps``, default 2000) and **equal time**:
@@ -195,7 +197,7 @@ def pyro_spline(dim: int, num_blocks: int = 4) -> ComposeTransformModule:
 
 
 #: Guides only studied (``study_objectives.py --guide``), left out of a default run.
-VARIANT_GUIDES = frozenset({"residual-i1"})
+VARIANT_GUIDES = frozenset({"residual-i1", "residual-t-ls8", "residual-t-ar3"})
 
 
 def guide_factories() -> dict[str, Callable[[Callable], Any]]:
@@ -215,6 +217,12 @@ def guide_factories() -> dict[str, Callable[[Callable], Any]]:
         guides["residual-t"] = lambda m: AutoResidualFlow(m, base="student_t")
         # a variant studied and not kept (study_objectives.py; not in the default run)
         guides["residual-i1"] = lambda m: AutoResidualFlow(m, init_scale=1.0)
+        guides["residual-t-ls8"] = lambda m: AutoResidualFlow(
+            m, base="student_t", log_scale_bound=8.0
+        )
+        guides["residual-t-ar3"] = lambda m: AutoResidualFlow(
+            m, base="student_t", num_autoregressive=3, num_blocks=3
+        )
     return guides
 
 
