@@ -759,6 +759,10 @@ def test_a_copy_trained_in_the_same_process_trains_and_the_original_still_does(b
     for _ in range(5):
         twin_svi.step()
     assert moved(twin_before, twin) and not moved(original_before, original)
+    if base == "student_t":
+        # the learned tails are claimed too, not only the flow's layers
+        df_index = [name for name, _ in twin.named_parameters()].index("base_log_df")
+        assert not torch.equal(twin_before[df_index], twin.base_log_df)
     original_before = snapshot(original)
     for _ in range(5):
         svi.step()
