@@ -271,3 +271,6 @@ def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergence
     lines = so.neutra_summary([str(path)]).splitlines()[2:]
     # the run without NeuTra is not a row's seed; divergences are listed in seed order
     assert lines == ["| funnel | iaf | kl | 0.01 | 2 | 3.00 (2.00-4.00) | 3, 7 | 1.100 | 0.55 |"]
+    runs[1]["neutra"]["max_rhat"] = float("nan")  # seed 0's chains had no R-hat
+    path.write_text("\n".join(json.dumps(r) for r in runs))
+    assert "| 3, 7 | nan |" in so.neutra_summary([str(path)])

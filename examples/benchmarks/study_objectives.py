@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,9 @@ def neutra_summary(paths: list[str]) -> str:
         runs = sorted(groups[key], key=lambda r: r["seed"])
         ess = [1000 * r["neutra"]["ess_per_grad"] for r in runs]
         div = ", ".join(str(r["neutra"]["divergences"]) for r in runs)
-        rhat = max(r["neutra"]["max_rhat"] for r in runs)
+        rhats = [float(r["neutra"]["max_rhat"]) for r in runs]
+        # max() skips a NaN that comes second: a chain with no R-hat must show, not hide
+        rhat = float("nan") if any(math.isnan(v) for v in rhats) else max(rhats)
         necks = [next(iter(n.values()))["ratio"] for r in runs if (n := r["neutra"].get("neck"))]
         neck = f"{sum(necks) / len(necks):.2f}" if necks else "-"
         out.append(
