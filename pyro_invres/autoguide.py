@@ -168,8 +168,8 @@ class AutoResidualFlow(AutoContinuous):
             # float32 StudentT.log_prob takes a difference of lgamma(~df/2): past 1e3 it
             # loses its normaliser, silently (0.02 nats per coordinate at 1e5, 0.9 at 1e7)
             raise ValueError(
-                f"base_df must be <= 1000 (past that a float32 Student t density is not "
-                f"resolved; base='normal' is its Gaussian limit), got {base_df}"
+                f"base_df must be <= {MAX_DF:g} (past that a float32 Student t density is "
+                f"not resolved; base='normal' is its Gaussian limit), got {base_df}"
             )
         self._base = base
         self._base_df = float(base_df)
@@ -276,16 +276,14 @@ class AutoResidualFlow(AutoContinuous):
         back). Done before this step's parameters are recorded in the trace.
         """
         store = pyro.get_param_store()
-        owned = [(self._pyro_get_fullname("transform"), self._modules["transform"])]
-        for prefix, module in owned:
-            for name, value in module.named_parameters():
-                key = param_with_module_name(prefix, name)
-                if key in store._params and store._params[key] is not value:
-                    store._params[key] = value
-                    store._param_to_name[value] = key
+        prefix = self._pyro_get_fullname("transform")
+        owned = [
+            (param_with_module_name(prefix, name), value)
+            for name, value in self._modules["transform"].named_parameters()
+        ]
         if self._base == "student_t":
-            key = self._pyro_get_fullname("base_log_df")
-            value = self._parameters["base_log_df"]
+            owned.append((self._pyro_get_fullname("base_log_df"), self._parameters["base_log_df"]))
+        for key, value in owned:
             if key in store._params and store._params[key] is not value:
                 store._params[key] = value
                 store._param_to_name[value] = key

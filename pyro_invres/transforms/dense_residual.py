@@ -83,7 +83,7 @@ def capped_weights(w1: Tensor, w2: Tensor, lipschitz: float) -> tuple[Tensor, Te
     Both spectral norms come from one batched symmetric eigenvalue call
     (:func:`spectral_norms`; ``W2`` and ``W2^T`` share their singular values), exactly, so
     the bound holds at every step with no iteration state. Raises
-    ``torch.linalg.LinAlgError`` for non-finite weights (the eigensolver fails).
+    ``torch.linalg.LinAlgError`` for non-finite weights (:func:`spectral_norms` refuses them).
 
     Example:
         >>> w1, w2 = capped_weights(3 * torch.eye(2), torch.eye(2), 0.5)
@@ -100,8 +100,8 @@ def checked_capped_weights(
 ) -> tuple[Tensor, Tensor]:
     """:func:`capped_weights` of two ``[weights | bias]`` layers, naming non-finite ones.
 
-    The eigensolver fails only on non-finite weights; the error then says which layer of ``owner``
-    diverged instead of a linear-algebra failure.
+    :func:`spectral_norms` refuses only non-finite (or overflowing) weights; the error then
+    says which layer of ``owner`` diverged instead of a linear-algebra failure.
 
     Example:
         >>> bad = torch.full((2, 3), float("nan"))
