@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyro
@@ -47,6 +48,20 @@ def _objective(run: dict) -> str:
     return f"{run['objective']} (KL {switch / steps:.0%})"
 
 
+def _settings(paths: list[str], keep: Callable[[dict], bool] = lambda r: True) -> dict:
+    """The runs of the JSON-lines files ``paths`` that ``keep`` accepts, by setting:
+    ``(model, guide, objective with its KL share, rate) -> [run, ...]``."""
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if keep(r):
+                    key = (r["model"], r["guide"], _objective(r), float(r.get("lr") or bp.LR))
+                    groups.setdefault(key, []).append(r)
+    return groups
+
+
 def summarize(paths: list[str]) -> str:
     """A markdown table of the runs in ``paths``: mean and spread over seeds per setting.
 
@@ -54,13 +69,7 @@ def summarize(paths: list[str]) -> str:
     k-hat, the mean importance-weighted log Z and the mean ratio of the neck's sd to the
     reference's; diverged runs are counted, not averaged.
     """
-    groups: dict[tuple, list[dict]] = {}
-    for path in paths:
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                key = (r["model"], r["guide"], _objective(r), float(r.get("lr") or bp.LR))
-                groups.setdefault(key, []).append(r)
+    groups = _settings(paths)
     out = [
         "| model | guide | objective | lr | seeds | k-hat mean (min-max) | IW log Z "
         "| neck sd / ref |",
@@ -173,14 +182,7 @@ def neutra_summary(paths: list[str]) -> str:
     gradient evaluations as the mean (min-max) over seeds, the divergences of each seed,
     the largest R-hat, and the mean ratio of the chains' neck sd to the reference's.
     """
-    groups: dict[tuple, list[dict]] = {}
-    for path in paths:
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                if r.get("neutra"):
-                    key = (r["model"], r["guide"], _objective(r), float(r.get("lr") or bp.LR))
-                    groups.setdefault(key, []).append(r)
+    groups = _settings(paths, keep=lambda r: bool(r.get("neutra")))
     out = [
         "| model | guide | objective | lr | seeds | ESS / 1k grads mean (min-max) "
         "| divergences by seed | max R-hat | neck sd / ref |",
