@@ -143,22 +143,27 @@ def test_predictive_draws_latents_and_the_exact_posterior_predictive(gauss_guide
     assert ((draws["y"].std(0) / pred_sd - 1).abs()).max() < 0.05
 
 
-def test_neutra_nuts_samples_match_the_exact_posterior(gauss_guide):
-    mean, cov, _ = _exact()
-    gauss_guide.requires_grad_(False)
+def _neutra_draws(model, guide, seed: int) -> torch.Tensor:
+    """200 NUTS draws of ``x`` (after 100 warm-up steps) on the NeuTra warp by ``guide``."""
+    guide.requires_grad_(False)
     try:
-        neutra = NeuTraReparam(gauss_guide)
+        neutra = NeuTraReparam(guide)
         warped = pyro.poutine.reparam(
-            _gauss_model, config=lambda msg: None if msg["is_observed"] else neutra
+            model, config=lambda msg: None if msg["is_observed"] else neutra
         )
-        pyro.set_rng_seed(4)
+        pyro.set_rng_seed(seed)
         mcmc = MCMC(NUTS(warped), num_samples=200, warmup_steps=100, disable_progbar=True)
         mcmc.run()
         (latent,) = mcmc.get_samples().values()
         with torch.no_grad():
-            x = neutra.transform_sample(latent)["x"]
+            return neutra.transform_sample(latent)["x"]
     finally:
-        gauss_guide.requires_grad_(True)
+        guide.requires_grad_(True)
+
+
+def test_neutra_nuts_samples_match_the_exact_posterior(gauss_guide):
+    mean, cov, _ = _exact()
+    x = _neutra_draws(_gauss_model, gauss_guide, seed=4)
     assert x.shape == (200, 4)
     ess = effective_sample_size(x.unsqueeze(0)).clamp(min=20)
     sd = cov.diag().sqrt()
@@ -557,19 +562,7 @@ def test_student_t_base_bounds_the_importance_weights_of_a_t3_posterior(t_guides
 
 
 def test_student_t_base_neutra_nuts_samples_a_t3(t_guides):
-    guide = t_guides["student_t"]
-    guide.requires_grad_(False)
-    try:
-        neutra = NeuTraReparam(guide)
-        warped = pyro.poutine.reparam(_t_model, config=lambda msg: neutra)
-        pyro.set_rng_seed(23)
-        mcmc = MCMC(NUTS(warped), num_samples=200, warmup_steps=100, disable_progbar=True)
-        mcmc.run()
-        (latent,) = mcmc.get_samples().values()
-        with torch.no_grad():
-            x = neutra.transform_sample(latent)["x"]
-    finally:
-        guide.requires_grad_(True)
+    x = _neutra_draws(_t_model, t_guides["student_t"], seed=23)
     inside = (x.abs() < 1).double()
     ess = float(effective_sample_size(inside.reshape(1, -1, 1)).clamp(min=20))
     # 5 MC standard errors of a probability near 0.6 from ess draws
