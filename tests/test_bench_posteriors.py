@@ -115,11 +115,13 @@ def test_neutra_and_plain_nuts_report_ess_and_counted_gradients():
     results = bp.main(
         ["--quick", "--models", "funnel", "--guides", "iaf", "--steps", "5", "--draws", "100"]
         + ["--no-equal-time", "--neutra", "--warmup", "8", "--nuts-draws", "8"]
-        + ["--max-tree-depth", "3"]
+        + ["--max-tree-depth", "3", "--target-accept", "0.9"]
     )
     rows = results["models"]["funnel"]["neutra"]
     assert set(rows) == {"nuts", "neutra-iaf"}
+    assert results["settings"]["neutra"]["target_accept_prob"] == 0.9
     for r in rows.values():
+        assert r["target_accept_prob"] == 0.9
         assert r["chains"] == 2 and r["min_bulk_ess"] > 0 and r["max_rhat"] > 0.5
         # every NUTS iteration evaluates the model at least once, at most 2^depth times
         assert 2 * 16 <= r["grad_evals"] <= 2 * 16 * 2**3 + 20
@@ -270,7 +272,42 @@ def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergence
     path.write_text("\n".join(json.dumps(r) for r in runs))
     lines = so.neutra_summary([str(path)]).splitlines()[2:]
     # the run without NeuTra is not a row's seed; divergences are listed in seed order
-    assert lines == ["| funnel | iaf | kl | 0.01 | 2 | 3.00 (2.00-4.00) | 3, 7 | 1.100 | 0.55 |"]
+    want = "| funnel | NeuTra iaf | kl | 0.01 | 0.8 | 2 | 3.00 (2.00-4.00) | 3, 7 | 1.100 | 0.55 |"
+    assert lines == [want]
     runs[1]["neutra"]["max_rhat"] = float("nan")  # seed 0's chains had no R-hat
     path.write_text("\n".join(json.dumps(r) for r in runs))
     assert "| 3, 7 | nan |" in so.neutra_summary([str(path)])
+    # another target acceptance rate is another row; plain NUTS has no objective or rate
+    runs[0]["neutra"]["target_accept_prob"] = 0.95
+    plain = {"model": "funnel", "guide": "nuts", "objective": "-", "lr": None, "seed": 0,
+             "neutra": {"ess_per_grad": 0.001, "divergences": 2, "max_rhat": 1.2, "neck": {},
+                        "target_accept_prob": 0.95}}  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in [*runs, plain]))
+    lines = so.neutra_summary([str(path)]).splitlines()[2:]
+    assert lines == [
+        "| funnel | NeuTra iaf | kl | 0.01 | 0.8 | 1 | 2.00 (2.00-2.00) | 3 | nan | 0.50 |",
+        "| funnel | NeuTra iaf | kl | 0.01 | 0.95 | 1 | 4.00 (4.00-4.00) | 7 | 1.100 | 0.60 |",
+        "| funnel | NUTS (no warp) | - | - | 0.95 | 1 | 1.00 (1.00-1.00) | 2 | 1.200 | - |",
+    ]
+
+
+def test_plain_nuts_run_and_target_accept_are_recorded(tmp_path, monkeypatch):
+    import study_objectives as so
+
+    seen = {}
+
+    def fake_run_nuts(spec, guide, chains, warmup, draws, seed, ref, target_accept_prob):
+        seen.update(guide=guide, chains=chains, seed=seed, tap=target_accept_prob)
+        return {"cpu_s": 1.0, "grad_evals": 10, "min_bulk_ess": 5.0, "ess_per_grad": 0.5,
+                "divergences": 1, "max_rhat": 1.01, "neck": {},
+                "target_accept_prob": target_accept_prob}  # fmt: skip
+
+    monkeypatch.setattr(so.bp, "run_nuts", fake_run_nuts)
+    out = tmp_path / "runs.jsonl"
+    argv = ["--model", "funnel", "--plain-nuts", "--seed", "2", "--target-accept", "0.9"]
+    row = so.main([*argv, "--out", str(out)])
+    assert seen == {"guide": None, "chains": 4, "seed": 2, "tap": 0.9}
+    assert row["guide"] == "nuts" and row["neutra"]["divergences"] == 1
+    assert json.loads(out.read_text())["neutra"]["target_accept_prob"] == 0.9
+    with pytest.raises(SystemExit):
+        so.main(["--model", "funnel", "--plain-nuts", "--target-accept", "1", "--out", str(out)])

@@ -483,8 +483,13 @@ def run_nuts(
     seed: int,
     ref: Reference,
     max_tree_depth: int = 10,
+    target_accept_prob: float = 0.8,
 ) -> dict[str, Any]:
-    """NUTS on the model (``guide=None``) or on its NeuTra warp by ``guide``; diagnostics."""
+    """NUTS on the model (``guide=None``) or on its NeuTra warp by ``guide``; diagnostics.
+
+    ``target_accept_prob`` is the acceptance rate NUTS's step-size adaptation aims at
+    (Pyro's default 0.8; higher means smaller steps, fewer divergences, more gradients).
+    """
     counted = CountedModel(spec.model)
     neutra = None
     model: Callable = counted
@@ -499,7 +504,10 @@ def run_nuts(
     for c in range(chains):
         pyro.set_rng_seed(seed + c)
         kernel = NUTS(
-            model, max_plate_nesting=models.MAX_PLATE_NESTING, max_tree_depth=max_tree_depth
+            model,
+            max_plate_nesting=models.MAX_PLATE_NESTING,
+            max_tree_depth=max_tree_depth,
+            target_accept_prob=target_accept_prob,
         )
         mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=True)
         mcmc.run()
@@ -519,6 +527,7 @@ def run_nuts(
         "chains": chains,
         "warmup": warmup,
         "max_tree_depth": max_tree_depth,
+        "target_accept_prob": target_accept_prob,
         "draws": draws,
         "wall_s": wall,
         "cpu_s": cpu,
@@ -622,6 +631,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--nuts-draws", type=int, default=None)
     p.add_argument("--max-tree-depth", type=int, default=None, help="NUTS (default 10; quick 6)")
+    p.add_argument(
+        "--target-accept",
+        type=float,
+        default=0.8,
+        help="NUTS's target acceptance rate for every sampler (Pyro's default 0.8)",
+    )
     p.add_argument("--lr", type=float, default=LR, help=f"initial learning rate ({LR:g})")
     p.add_argument(
         "--lr-final",
@@ -659,6 +674,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--lr-grid repeats a schedule: {args.lr_grid}")
     if args.save_draws < 0 or args.select_draws < 2:
         p.error("--save-draws must be >= 0 and --select-draws >= 2")
+    if not 0.0 < args.target_accept < 1.0:
+        p.error(f"--target-accept must be in (0, 1), got {args.target_accept}")
     quick = args.quick
     args.models = args.models or (
         ["funnel", "eight_schools_centered"] if quick else list(models.MODELS)
@@ -776,6 +793,7 @@ def run_neutra(
 ) -> dict:
     wanted = args.neutra_guides or [n for n, g in trained.items() if is_flow(g)]
     nuts_args = (args.chains, args.warmup, args.nuts_draws, args.seed, ref, args.max_tree_depth)
+    nuts_args += (args.target_accept,)
     rows = {}
     if not args.no_nuts:
         rows["nuts"] = run_nuts(spec, None, *nuts_args)
@@ -862,6 +880,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "warmup": args.warmup,
                 "draws": args.nuts_draws,
                 "max_tree_depth": args.max_tree_depth,
+                "target_accept_prob": args.target_accept,
                 "plain_nuts": not args.no_nuts,
             }
             if args.neutra

@@ -15,7 +15,9 @@ Example:
     mean over seeds of each setting as a markdown table, and ``--best [--seeds 0,1]
     [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
     (reference-free), per model; ``--neutra-summary FILE [FILE ...]`` the NeuTra-HMC runs
-    (``--neutra``) by setting.
+    (``--neutra``) by setting. ``--plain-nuts`` runs NUTS on the model itself (no guide)
+    with the same chains, the baseline row of that table; ``--target-accept`` sets NUTS's
+    target acceptance rate for either.
 """
 
 from __future__ import annotations
@@ -176,17 +178,24 @@ def best_settings(
 
 
 def neutra_summary(paths: list[str]) -> str:
-    """A markdown table of the NeuTra-HMC runs in ``paths`` (rows with ``--neutra``).
+    """A markdown table of the NeuTra-HMC runs in ``paths`` (rows with ``--neutra``, and
+    plain NUTS's rows from ``--plain-nuts``).
 
-    One row per (model, guide, objective, rate): the seeds, the minimum bulk ESS per 1,000
-    gradient evaluations as the mean (min-max) over seeds, the divergences of each seed,
-    the largest R-hat, and the mean ratio of the chains' neck sd to the reference's.
+    One row per (model, sampler, objective, rate, NUTS target acceptance rate): the seeds,
+    the minimum bulk ESS per 1,000 gradient evaluations as the mean (min-max) over seeds,
+    the divergences of each seed, the largest R-hat, and the mean ratio of the chains'
+    neck sd to the reference's. Runs recorded before the rate was kept ran at Pyro's
+    default 0.8.
     """
-    groups = _settings(paths, keep=lambda r: bool(r.get("neutra")))
+    groups: dict[tuple, list[dict]] = {}
+    for key, runs in _settings(paths, keep=lambda r: bool(r.get("neutra"))).items():
+        for r in runs:
+            tap = float(r["neutra"].get("target_accept_prob") or 0.8)
+            groups.setdefault((*key, tap), []).append(r)
     out = [
-        "| model | guide | objective | lr | seeds | ESS / 1k grads mean (min-max) "
-        "| divergences by seed | max R-hat | neck sd / ref |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | sampler | objective | lr | target accept | seeds "
+        "| ESS / 1k grads mean (min-max) | divergences by seed | max R-hat | neck sd / ref |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(groups):
         runs = sorted(groups[key], key=lambda r: r["seed"])
@@ -197,12 +206,42 @@ def neutra_summary(paths: list[str]) -> str:
         rhat = float("nan") if any(math.isnan(v) for v in rhats) else max(rhats)
         necks = [next(iter(n.values()))["ratio"] for r in runs if (n := r["neutra"].get("neck"))]
         neck = f"{sum(necks) / len(necks):.2f}" if necks else "-"
+        plain = key[1] == "nuts"  # NUTS on the model: no guide, no objective, no rate
+        sampler = "NUTS (no warp)" if plain else f"NeuTra {key[1]}"
+        lr = "-" if plain else f"{key[3]:g}"
         out.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {len(runs)} "
+            f"| {key[0]} | {sampler} | {key[2]} | {lr} | {key[4]:g} | {len(runs)} "
             f"| {sum(ess) / len(ess):.2f} ({min(ess):.2f}-{max(ess):.2f}) | {div} "
             f"| {rhat:.3f} | {neck} |"
         )
     return "\n".join(out)
+
+
+#: the recorded NeuTra runs' chains: 4 chains of 200 warmup and 200 draws
+NUTS_CHAINS, NUTS_WARMUP, NUTS_DRAWS = 4, 200, 200
+
+
+def _nuts_row(
+    spec: models.PosteriorModel, guide: object, ref: object, args: argparse.Namespace
+) -> dict:
+    """NUTS on the model (``guide=None``) or its NeuTra warp; the diagnostics a row keeps."""
+    nuts = bp.run_nuts(
+        spec, guide, NUTS_CHAINS, NUTS_WARMUP, NUTS_DRAWS, args.seed, ref,
+        target_accept_prob=args.target_accept,
+    )  # fmt: skip
+    keys = ("cpu_s", "grad_evals", "min_bulk_ess", "ess_per_grad", "divergences", "max_rhat")
+    return {k: nuts.get(k) for k in (*keys, "neck", "target_accept_prob")}
+
+
+def _plain_nuts(spec: models.PosteriorModel, ref: object, args: argparse.Namespace) -> dict:
+    """A run of NUTS on the model itself: a row with ``guide="nuts"`` and no objective."""
+    row: dict = {"model": args.model, "guide": "nuts", "objective": "-", "lr": None}
+    row.update(seed=args.seed, env=env_info(torch.device("cpu")))
+    row["neutra"] = _nuts_row(spec, None, ref, args)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "env"}))
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,11 +280,27 @@ def main(argv: list[str] | None = None) -> dict:
         help="then NUTS on the NeuTra warp by the trained guide (4 chains of 200 warmup and "
         "200 draws, the recorded NeuTra runs' setting)",
     )
+    p.add_argument(
+        "--plain-nuts",
+        action="store_true",
+        help="no guide: NUTS on the model itself, with --neutra's chains and --seed "
+        "(the baseline of --neutra-summary)",
+    )
+    p.add_argument(
+        "--target-accept",
+        type=float,
+        default=0.8,
+        help="NUTS's target acceptance rate (Pyro's default 0.8), for --neutra and --plain-nuts",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if not 0.0 < args.target_accept < 1.0:
+        p.error(f"--target-accept must be in (0, 1), got {args.target_accept}")
     torch.set_num_threads(1)
     spec = getattr(models, args.model)()
     ref = load_reference(args.model)
+    if args.plain_nuts:
+        return _plain_nuts(spec, ref, args)
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     guide = bp.guide_factories()[args.guide](spec.model)
@@ -281,9 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["neck"] = metrics.get("neck")
         row["error"] = metrics.get("error")
         if args.neutra:
-            nuts = bp.run_nuts(spec, guide, 4, 200, 200, args.seed, ref)
-            keys = ("cpu_s", "grad_evals", "min_bulk_ess", "ess_per_grad", "divergences")
-            row["neutra"] = {k: nuts.get(k) for k in (*keys, "max_rhat", "neck")}
+            row["neutra"] = _nuts_row(spec, guide, ref, args)
     except (ValueError, RuntimeError) as err:  # a diverged run is a result too
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     with open(args.out, "a") as f:
