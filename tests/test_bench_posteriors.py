@@ -311,3 +311,40 @@ def test_plain_nuts_run_and_target_accept_are_recorded(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["neutra"]["target_accept_prob"] == 0.9
     with pytest.raises(SystemExit):
         so.main(["--model", "funnel", "--plain-nuts", "--target-accept", "1", "--out", str(out)])
+
+
+def test_funnel_scale_gap_is_zero_for_the_exact_warp_and_minus_v_over_2_for_a_fixed_one():
+    import study_objectives as so
+
+    class Guide:  # the funnel's exact NeuTra map, v = 3 u_0, x = e^(v/2) u_rest
+        latent_dim = 10
+
+        def __init__(self, exact: bool) -> None:
+            self.exact = exact
+
+        def get_transform(self):
+            def transform(u):
+                v = 3 * u[..., :1]
+                scale = torch.exp(v / 2) if self.exact else torch.ones_like(v)
+                return torch.cat([v, scale * u[..., 1:]], dim=-1)
+
+            return transform
+
+    for row in so.funnel_scale_gap(Guide(exact=True)):
+        assert row["v"] == pytest.approx(3 * row["z0"])
+        assert row["gap_min"] == pytest.approx(0, abs=1e-5)
+        assert row["gap_max"] == pytest.approx(0, abs=1e-5)
+    for row in so.funnel_scale_gap(Guide(exact=False), z0s=(-2.0, 1.0)):
+        assert row["gap_min"] == pytest.approx(-row["v"] / 2, abs=1e-5)
+
+
+def test_divergence_report_reads_the_neck_and_latent_norm_at_divergent_draws():
+    spec = pmod.funnel()
+    flat = np.zeros((6, spec.dim))
+    flat[:, 0] = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # v
+    norms = [np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])]  # two chains of 3
+    report = bp.divergence_report(spec, flat, [4, 1], norms)
+    assert report["v"]["at_divergences"] == [1.0, 4.0]
+    assert report["v"]["quantiles_5_50_95"][1] == pytest.approx(2.5)
+    assert report["latent_norm"] == {"at_divergences": [5.0, 2.0], "median": 3.5}
+    assert "latent_norm" not in bp.divergence_report(spec, flat, [], [])

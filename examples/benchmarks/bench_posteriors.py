@@ -500,6 +500,10 @@ def run_nuts(
         neutra = NeuTraReparam(guide)
         model = poutine.reparam(counted, config=lambda msg: None if msg["is_observed"] else neutra)
     samples, divergences, steps_sizes = [], 0, []
+    # where the divergent transitions' draws lie: the draw's row in the stacked chains, and
+    # for NeuTra the norm of the warped chain's latent (far out in the base = the warp's tails)
+    divergent_rows: list[int] = []
+    latent_norms: list[np.ndarray] = []
     start, start_cpu = time.perf_counter(), time.process_time()
     for c in range(chains):
         pyro.set_rng_seed(seed + c)
@@ -511,11 +515,14 @@ def run_nuts(
         )
         mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=True)
         mcmc.run()
-        divergences += sum(len(v) for v in mcmc.diagnostics()["divergences"].values())
+        divergent = [i for v in mcmc.diagnostics()["divergences"].values() for i in v]
+        divergences += len(divergent)
+        divergent_rows += [c * draws + int(i) for i in divergent]
         steps_sizes.append(float(kernel.step_size))
         got = mcmc.get_samples()
         if neutra is not None:
             (latent,) = [v for k, v in got.items() if k.endswith("_shared_latent")]
+            latent_norms.append(latent.reshape(draws, -1).norm(dim=-1).double().numpy())
             with torch.no_grad():
                 got = neutra.transform_sample(latent.unsqueeze(-2))  # clear of the plate dim
         samples.append(models.unconstrained(spec, got).double().numpy())
@@ -540,8 +547,37 @@ def run_nuts(
         "ess_per_s": float(ess.min() / cpu),
         "ess_per_grad": float(ess.min() / max(counted.calls, 1)),
         "neck": neck_report(spec, flat.std(0, ddof=1), ref),
+        "divergent_at": divergence_report(spec, flat, divergent_rows, latent_norms),
         **pm.summarise_errors(pm.moment_errors(flat, ref.mean, ref.sd)),
     }
+
+
+def divergence_report(
+    spec: models.PosteriorModel,
+    flat: np.ndarray,
+    rows: list[int],
+    latent_norms: list[np.ndarray],
+) -> dict[str, Any]:
+    """Where the divergent transitions' draws lie, against all draws.
+
+    Per neck coordinate (unconstrained): its value at each divergent draw (sorted) and its
+    5/50/95% quantiles over all draws; for NeuTra, the norm of the base-space latent at
+    each divergent draw against its median over all draws.
+    """
+    out: dict[str, Any] = {}
+    for name in spec.neck:
+        col = flat[:, spec.names.index(name)]
+        out[name] = {
+            "at_divergences": sorted(float(col[r]) for r in rows),
+            "quantiles_5_50_95": [float(q) for q in np.quantile(col, [0.05, 0.5, 0.95])],
+        }
+    if latent_norms:
+        norms = np.concatenate(latent_norms)
+        out["latent_norm"] = {
+            "at_divergences": [float(norms[r]) for r in rows],
+            "median": float(np.median(norms)),
+        }
+    return out
 
 
 # -- tables -------------------------------------------------------------------------------------

@@ -217,6 +217,29 @@ def neutra_summary(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def funnel_scale_gap(
+    guide: object, z0s: tuple[float, ...] = (-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5)
+) -> list[dict]:
+    """How far the trained funnel guide's warp is from opening the neck, along the base's
+    first axis: at ``u = (z_0, 0, ..., 0)``, ``v = T(u)_1`` and the log of the smallest and
+    largest singular values of the ``x``-block of the warp's Jacobian, minus the exact
+    conditional log-scale ``v / 2`` of ``x | v`` (0: the warp matches the funnel there;
+    negative: it is too narrow, so NUTS's steps must be larger in the base than elsewhere).
+    """
+    transform = guide.get_transform()  # type: ignore[attr-defined]
+    out = []
+    for z0 in z0s:
+        u = torch.zeros(guide.latent_dim)  # type: ignore[attr-defined]
+        u[0] = float(z0)
+        jac = torch.autograd.functional.jacobian(lambda w: transform(w.unsqueeze(0))[0], u)
+        with torch.no_grad():
+            v = float(transform(u.unsqueeze(0))[0, 0])
+        sv = torch.linalg.svdvals(jac[1:, 1:]).log()
+        out.append({"z0": float(z0), "v": v, "gap_min": float(sv.min()) - v / 2,
+                    "gap_max": float(sv.max()) - v / 2})  # fmt: skip
+    return out
+
+
 #: the recorded NeuTra runs' chains: 4 chains of 200 warmup and 200 draws
 NUTS_CHAINS, NUTS_WARMUP, NUTS_DRAWS = 4, 200, 200
 
@@ -281,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict:
         "200 draws, the recorded NeuTra runs' setting)",
     )
     p.add_argument(
+        "--scan",
+        action="store_true",
+        help="funnel only: record how far the trained warp's conditional scale of x given v "
+        "is from the exact e^(v/2) along the base's first axis (funnel_scale_gap)",
+    )
+    p.add_argument(
         "--plain-nuts",
         action="store_true",
         help="no guide: NUTS on the model itself, with --neutra's chains and --seed "
@@ -335,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
         row.update({k: metrics.get(k) for k in ("elbo", "iw_log_z", "iw_log_z_se", "khat")})
         row["neck"] = metrics.get("neck")
         row["error"] = metrics.get("error")
+        if args.scan and args.model == "funnel":
+            row["scale_gap"] = funnel_scale_gap(guide)
         if args.neutra:
             row["neutra"] = _nuts_row(spec, guide, ref, args)
     except (ValueError, RuntimeError) as err:  # a diverged run is a result too
