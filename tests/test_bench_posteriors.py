@@ -300,7 +300,7 @@ def test_plain_nuts_run_and_target_accept_are_recorded(tmp_path, monkeypatch):
         seen.update(guide=guide, chains=chains, seed=seed, tap=target_accept_prob)
         return {"cpu_s": 1.0, "grad_evals": 10, "min_bulk_ess": 5.0, "ess_per_grad": 0.5,
                 "divergences": 1, "max_rhat": 1.01, "neck": {},
-                "target_accept_prob": target_accept_prob}  # fmt: skip
+                "target_accept_prob": target_accept_prob, "divergent_at": {"v": {}}}  # fmt: skip
 
     monkeypatch.setattr(so.bp, "run_nuts", fake_run_nuts)
     out = tmp_path / "runs.jsonl"
@@ -308,7 +308,8 @@ def test_plain_nuts_run_and_target_accept_are_recorded(tmp_path, monkeypatch):
     row = so.main([*argv, "--out", str(out)])
     assert seen == {"guide": None, "chains": 4, "seed": 2, "tap": 0.9}
     assert row["guide"] == "nuts" and row["neutra"]["divergences"] == 1
-    assert json.loads(out.read_text())["neutra"]["target_accept_prob"] == 0.9
+    kept = json.loads(out.read_text())["neutra"]
+    assert kept["target_accept_prob"] == 0.9 and kept["divergent_at"] == {"v": {}}
     with pytest.raises(SystemExit):
         so.main(["--model", "funnel", "--plain-nuts", "--target-accept", "1", "--out", str(out)])
 

@@ -253,7 +253,7 @@ def _nuts_row(
         target_accept_prob=args.target_accept,
     )  # fmt: skip
     keys = ("cpu_s", "grad_evals", "min_bulk_ess", "ess_per_grad", "divergences", "max_rhat")
-    return {k: nuts.get(k) for k in (*keys, "neck", "target_accept_prob")}
+    return {k: nuts.get(k) for k in (*keys, "neck", "target_accept_prob", "divergent_at")}
 
 
 def _plain_nuts(spec: models.PosteriorModel, ref: object, args: argparse.Namespace) -> dict:
