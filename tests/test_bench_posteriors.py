@@ -306,12 +306,19 @@ def test_plain_nuts_run_and_target_accept_are_recorded(tmp_path, monkeypatch):
     out = tmp_path / "runs.jsonl"
     argv = ["--model", "funnel", "--plain-nuts", "--seed", "2", "--target-accept", "0.9"]
     row = so.main([*argv, "--out", str(out)])
-    assert seen == {"guide": None, "chains": 4, "seed": 2, "tap": 0.9}
+    # plain NUTS's seed s runs chains 4s..4s+3: no two seeds share a chain
+    assert seen == {"guide": None, "chains": 4, "seed": 8, "tap": 0.9}
     assert row["guide"] == "nuts" and row["neutra"]["divergences"] == 1
     kept = json.loads(out.read_text())["neutra"]
     assert kept["target_accept_prob"] == 0.9 and kept["divergent_at"] == {"v": {}}
-    with pytest.raises(SystemExit):
-        so.main(["--model", "funnel", "--plain-nuts", "--target-accept", "1", "--out", str(out)])
+    assert kept["chain_seeds"] == [8, 9, 10, 11]
+    for bad in (
+        ["--model", "funnel", "--plain-nuts", "--target-accept", "1"],
+        ["--model", "funnel", "--target-accept", "0.9"],  # no NUTS run to set it for
+        ["--model", "eight_schools_centered", "--scan"],  # the funnel's warp only
+    ):
+        with pytest.raises(SystemExit):
+            so.main([*bad, "--out", str(out)])
 
 
 def test_funnel_scale_gap_is_zero_for_the_exact_warp_and_minus_v_over_2_for_a_fixed_one():
@@ -345,7 +352,7 @@ def test_divergence_report_reads_the_neck_and_latent_norm_at_divergent_draws():
     flat[:, 0] = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # v
     norms = [np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])]  # two chains of 3
     report = bp.divergence_report(spec, flat, [4, 1], norms)
-    assert report["v"]["at_divergences"] == [1.0, 4.0]
+    assert report["v"]["at_divergences"] == [4.0, 1.0]  # paired with the norms below
     assert report["v"]["quantiles_5_50_95"][1] == pytest.approx(2.5)
     assert report["latent_norm"] == {"at_divergences": [5.0, 2.0], "median": 3.5}
     assert "latent_norm" not in bp.divergence_report(spec, flat, [], [])

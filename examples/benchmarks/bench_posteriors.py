@@ -560,15 +560,16 @@ def divergence_report(
 ) -> dict[str, Any]:
     """Where the divergent transitions' draws lie, against all draws.
 
-    Per neck coordinate (unconstrained): its value at each divergent draw (sorted) and its
+    Per neck coordinate (unconstrained): its value at each divergent draw and its
     5/50/95% quantiles over all draws; for NeuTra, the norm of the base-space latent at
-    each divergent draw against its median over all draws.
+    each divergent draw against its median over all draws. The draws are listed in the
+    same order everywhere (chain by chain), so a neck value pairs with its latent norm.
     """
     out: dict[str, Any] = {}
     for name in spec.neck:
         col = flat[:, spec.names.index(name)]
         out[name] = {
-            "at_divergences": sorted(float(col[r]) for r in rows),
+            "at_divergences": [float(col[r]) for r in rows],
             "quantiles_5_50_95": [float(q) for q in np.quantile(col, [0.05, 0.5, 0.95])],
         }
     if latent_norms:

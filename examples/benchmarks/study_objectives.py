@@ -247,13 +247,22 @@ NUTS_CHAINS, NUTS_WARMUP, NUTS_DRAWS = 4, 200, 200
 def _nuts_row(
     spec: models.PosteriorModel, guide: object, ref: object, args: argparse.Namespace
 ) -> dict:
-    """NUTS on the model (``guide=None``) or its NeuTra warp; the diagnostics a row keeps."""
+    """NUTS on the model (``guide=None``) or its NeuTra warp; the diagnostics a row keeps.
+
+    ``run_nuts`` seeds chain ``c`` with ``seed + c``. NeuTra runs of neighbouring seeds
+    share those streams on different warps (each seed trains its own guide), as the
+    recorded runs did; plain NUTS has no guide to tell seeds apart, so its seed ``s``
+    starts at ``4 s`` and no two seeds share a chain.
+    """
+    first = args.seed if guide is not None else args.seed * NUTS_CHAINS
     nuts = bp.run_nuts(
-        spec, guide, NUTS_CHAINS, NUTS_WARMUP, NUTS_DRAWS, args.seed, ref,
+        spec, guide, NUTS_CHAINS, NUTS_WARMUP, NUTS_DRAWS, first, ref,
         target_accept_prob=args.target_accept,
     )  # fmt: skip
     keys = ("cpu_s", "grad_evals", "min_bulk_ess", "ess_per_grad", "divergences", "max_rhat")
-    return {k: nuts.get(k) for k in (*keys, "neck", "target_accept_prob", "divergent_at")}
+    row = {k: nuts.get(k) for k in (*keys, "neck", "target_accept_prob", "divergent_at")}
+    row["chain_seeds"] = [first + c for c in range(NUTS_CHAINS)]
+    return row
 
 
 def _plain_nuts(spec: models.PosteriorModel, ref: object, args: argparse.Namespace) -> dict:
@@ -325,6 +334,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not 0.0 < args.target_accept < 1.0:
         p.error(f"--target-accept must be in (0, 1), got {args.target_accept}")
+    if args.target_accept != 0.8 and not (args.neutra or args.plain_nuts):
+        p.error("--target-accept sets NUTS's rate: it needs --neutra or --plain-nuts")
+    if args.scan and args.model != "funnel":
+        p.error(f"--scan measures the funnel's warp only, got --model {args.model}")
     torch.set_num_threads(1)
     spec = getattr(models, args.model)()
     ref = load_reference(args.model)
