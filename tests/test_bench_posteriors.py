@@ -284,6 +284,8 @@ def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergence
                         "target_accept_prob": 0.95}}  # fmt: skip
     path.write_text("\n".join(json.dumps(r) for r in [*runs, plain]))
     lines = so.neutra_summary([str(path)]).splitlines()[2:]
+    # --seeds keeps only those seeds' runs
+    assert len(so.neutra_summary([str(path)], seeds={1}).splitlines()[2:]) == 1
     assert lines == [
         "| funnel | NeuTra iaf | kl | 0.01 | 0.8 | 1 | 2.00 (2.00-2.00) | 3 | nan | 0.50 |",
         "| funnel | NeuTra iaf | kl | 0.01 | 0.95 | 1 | 4.00 (4.00-4.00) | 7 | 1.100 | 0.60 |",

@@ -15,7 +15,8 @@ Example:
     mean over seeds of each setting as a markdown table, and ``--best [--seeds 0,1]
     [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
     (reference-free), per model; ``--neutra-summary FILE [FILE ...]`` the NeuTra-HMC runs
-    (``--neutra``) by setting. ``--plain-nuts`` runs NUTS on the model itself (no guide)
+    (``--neutra``) by setting (``--neutra-summary --seeds 0,1,2 FILE ...``: those seeds
+    only). ``--plain-nuts`` runs NUTS on the model itself (no guide)
     with the same chains, the baseline row of that table; ``--target-accept`` sets NUTS's
     target acceptance rate for either.
 """
@@ -177,7 +178,7 @@ def best_settings(
     return "\n".join(out)
 
 
-def neutra_summary(paths: list[str]) -> str:
+def neutra_summary(paths: list[str], seeds: set[int] | None = None) -> str:
     """A markdown table of the NeuTra-HMC runs in ``paths`` (rows with ``--neutra``, and
     plain NUTS's rows from ``--plain-nuts``).
 
@@ -185,10 +186,15 @@ def neutra_summary(paths: list[str]) -> str:
     the minimum bulk ESS per 1,000 gradient evaluations as the mean (min-max) over seeds,
     the divergences of each seed, the largest R-hat, and the mean ratio of the chains'
     neck sd to the reference's. Runs recorded before the rate was kept ran at Pyro's
-    default 0.8.
+    default 0.8. Only the ``seeds`` given count (all when ``None``), so that every sampler
+    is compared on the same seeds.
     """
+
+    def keep(run: dict) -> bool:
+        return bool(run.get("neutra")) and (seeds is None or run["seed"] in seeds)
+
     groups: dict[tuple, list[dict]] = {}
-    for key, runs in _settings(paths, keep=lambda r: bool(r.get("neutra"))).items():
+    for key, runs in _settings(paths, keep=keep).items():
         for r in runs:
             tap = float(r["neutra"].get("target_accept_prob") or 0.8)
             groups.setdefault((*key, tap), []).append(r)
@@ -282,8 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["--summary"]:  # study_objectives.py --summary runs.jsonl [...]
         print(summarize(argv[1:]))
         return {}
-    if argv[:1] == ["--neutra-summary"]:  # --neutra-summary runs.jsonl [...]
-        print(neutra_summary(argv[1:]))
+    if argv[:1] == ["--neutra-summary"]:  # --neutra-summary [--seeds 0,1,2] runs.jsonl ...
+        rest, seeds = argv[1:], None
+        if rest[:1] == ["--seeds"]:
+            seeds, rest = {int(v) for v in rest[1].split(",")}, rest[2:]
+        print(neutra_summary(rest, seeds))
         return {}
     if argv[:1] == ["--best"]:  # --best [--seeds 0,1] [--objectives kl,kl>0] runs.jsonl ...
         rest, picks = argv[1:], {"--seeds": None, "--objectives": None}
