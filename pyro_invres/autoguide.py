@@ -80,12 +80,13 @@ class AutoResidualFlow(AutoContinuous):
     in a subsampled plate are refused.
 
     For NeuTra-HMC, the default normal base and ``NUTS(..., target_accept_prob=0.9)``
-    measured best: on centred eight schools and Neal's funnel (three seeds each) it gave
-    8-20x plain NUTS's effective samples per gradient and more than NeuTra with
-    ``AutoIAFNormal``, with 1-3 divergences per run; at Pyro's default 0.8 the warped
-    chains diverge 5-38 times per run, and at 0.9 the ``"student_t"`` base, whose heavy
-    tails send the chains further out where the warp was never trained, gives fewer
-    effective samples and up to 47 divergences (``docs/posteriors.md``).
+    measured best: on centred eight schools and Neal's funnel (three to six seeds) it
+    gave 8-23x plain NUTS's effective samples per gradient and more than NeuTra with
+    ``AutoIAFNormal``; it diverged less than plain NUTS on schools (5 seeds of 6) but not
+    on the funnel (1-35 per run against 0-5, one stuck run aside). At Pyro's default 0.8
+    the warped chains diverge 5-38 times per run, and at 0.9 the ``"student_t"`` base,
+    whose heavy tails send the chains further out where the warp was never trained,
+    gives fewer effective samples and up to 47 divergences (``docs/posteriors.md``).
 
     Arguments:
         model: a Pyro model.
