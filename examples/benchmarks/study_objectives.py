@@ -271,15 +271,20 @@ def _nuts_row(
     return row
 
 
+def _record(row: dict, out: str) -> dict:
+    """Append ``row`` to the JSON-lines file ``out`` and echo it (without its env)."""
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "env"}))
+    return row
+
+
 def _plain_nuts(spec: models.PosteriorModel, ref: object, args: argparse.Namespace) -> dict:
     """A run of NUTS on the model itself: a row with ``guide="nuts"`` and no objective."""
     row: dict = {"model": args.model, "guide": "nuts", "objective": "-", "lr": None}
     row.update(seed=args.seed, env=env_info(torch.device("cpu")))
     row["neutra"] = _nuts_row(spec, None, ref, args)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps({k: v for k, v in row.items() if k != "env"}))
-    return row
+    return _record(row, args.out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -386,16 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
         row.update({k: metrics.get(k) for k in ("elbo", "iw_log_z", "iw_log_z_se", "khat")})
         row["neck"] = metrics.get("neck")
         row["error"] = metrics.get("error")
-        if args.scan and args.model == "funnel":
+        if args.scan:  # the funnel's only (refused for other models above)
             row["scale_gap"] = funnel_scale_gap(guide)
         if args.neutra:
             row["neutra"] = _nuts_row(spec, guide, ref, args)
     except (ValueError, RuntimeError) as err:  # a diverged run is a result too
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-    with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps({k: v for k, v in row.items() if k != "env"}))
-    return row
+    return _record(row, args.out)
 
 
 if __name__ == "__main__":
