@@ -31,6 +31,11 @@ the metrics use: the choice never looks at the reference. The guides are:
 ``residual-i1``    ``AutoResidualFlow(model, init_scale=1.0)``: studied, not kept (only by name)
 ``residual-t-ls8`` the t base with ``log_scale_bound=8``: studied (only by name)
 ``residual-t-ar3`` the t base with 3 autoregressive layers and 3 blocks: studied (by name)
+``residual-a1b1``  one autoregressive layer and one block (``num_autoregressive=1,
+                   num_blocks=1``): the shallower NeuTra warp, studied (by name)
+``residual-a1b0``  one autoregressive layer, no block: its ablation (by name)
+``residual-b0``    the default's two autoregressive layers, no block (by name)
+``residual-c05``   the default with ``lipschitz=0.5`` (by name)
 ================== ===========================================================================
 
 Two columns per guide: **equal steps** (``--steps``, default 2000) and **equal time**:
@@ -197,7 +202,17 @@ def pyro_spline(dim: int, num_blocks: int = 4) -> ComposeTransformModule:
 
 
 #: Guides only studied (``study_objectives.py --guide``), left out of a default run.
-VARIANT_GUIDES = frozenset({"residual-i1", "residual-t-ls8", "residual-t-ar3"})
+VARIANT_GUIDES = frozenset(
+    {
+        "residual-i1",
+        "residual-t-ls8",
+        "residual-t-ar3",
+        "residual-a1b1",
+        "residual-a1b0",
+        "residual-b0",
+        "residual-c05",
+    }
+)
 
 
 def guide_factories() -> dict[str, Callable[[Callable], Any]]:
@@ -223,6 +238,11 @@ def guide_factories() -> dict[str, Callable[[Callable], Any]]:
         guides["residual-t-ar3"] = lambda m: AutoResidualFlow(
             m, base="student_t", num_autoregressive=3, num_blocks=3
         )
+        # NeuTra warps of the study of where the funnel's divergences come from
+        guides["residual-a1b1"] = lambda m: AutoResidualFlow(m, num_autoregressive=1, num_blocks=1)
+        guides["residual-a1b0"] = lambda m: AutoResidualFlow(m, num_autoregressive=1, num_blocks=0)
+        guides["residual-b0"] = lambda m: AutoResidualFlow(m, num_blocks=0)
+        guides["residual-c05"] = lambda m: AutoResidualFlow(m, lipschitz=0.5)
     return guides
 
 
