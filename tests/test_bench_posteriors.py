@@ -256,7 +256,7 @@ def test_summary_keeps_a_warm_start_with_another_kl_share_apart(tmp_path):
     assert any("| kl>0 (KL 25%) | 0.003 | 1 | 0.30 (0.30-0.30)" in line for line in lines)
 
 
-def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergences(tmp_path):
+def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergences(tmp_path, capsys):
     import study_objectives as so
 
     def row(seed, ess, div, neutra=True):
@@ -286,6 +286,13 @@ def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergence
     lines = so.neutra_summary([str(path)]).splitlines()[2:]
     # --seeds keeps only those seeds' runs
     assert len(so.neutra_summary([str(path)], seeds={1}).splitlines()[2:]) == 1
+    # --rates keeps only those target acceptance rates (a row without one ran at 0.8)
+    kept = so.neutra_summary([str(path)], rates={0.95}).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in kept] == ["NeuTra iaf", "NUTS (no warp)"]
+    assert len(so.neutra_summary([str(path)], rates={0.8}).splitlines()[2:]) == 1
+    # on the command line, in either order with --seeds
+    so.main(["--neutra-summary", "--rates", "0.95", "--seeds", "1", str(path)])
+    assert capsys.readouterr().out.count("NeuTra iaf") == 1
     assert lines == [
         "| funnel | NeuTra iaf | kl | 0.01 | 0.8 | 1 | 2.00 (2.00-2.00) | 3 | nan | 0.50 |",
         "| funnel | NeuTra iaf | kl | 0.01 | 0.95 | 1 | 4.00 (4.00-4.00) | 7 | 1.100 | 0.60 |",

@@ -15,10 +15,10 @@ Example:
     mean over seeds of each setting as a markdown table, and ``--best [--seeds 0,1]
     [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
     (reference-free), per model; ``--neutra-summary FILE [FILE ...]`` the NeuTra-HMC runs
-    (``--neutra``) by setting (``--neutra-summary --seeds 0,1,2 FILE ...``: those seeds
-    only). ``--plain-nuts`` runs NUTS on the model itself (no guide)
-    with the same chains, the baseline row of that table; ``--target-accept`` sets NUTS's
-    target acceptance rate for either.
+    (``--neutra``) by setting (``--neutra-summary --seeds 0,1,2 --rates 0.9 FILE ...``:
+    those seeds and NUTS target acceptance rates only). ``--plain-nuts`` runs NUTS on the
+    model itself (no guide) with the same chains, the baseline row of that table;
+    ``--target-accept`` sets NUTS's target acceptance rate for either.
 """
 
 from __future__ import annotations
@@ -178,7 +178,9 @@ def best_settings(
     return "\n".join(out)
 
 
-def neutra_summary(paths: list[str], seeds: set[int] | None = None) -> str:
+def neutra_summary(
+    paths: list[str], seeds: set[int] | None = None, rates: set[float] | None = None
+) -> str:
     """A markdown table of the NeuTra-HMC runs in ``paths`` (rows with ``--neutra``, and
     plain NUTS's rows from ``--plain-nuts``).
 
@@ -187,17 +189,24 @@ def neutra_summary(paths: list[str], seeds: set[int] | None = None) -> str:
     the divergences of each seed, the largest R-hat, and the mean ratio of the chains'
     neck sd to the reference's. Runs recorded before the rate was kept ran at Pyro's
     default 0.8. Only the ``seeds`` given count (all when ``None``), so that every sampler
-    is compared on the same seeds.
+    is compared on the same seeds, and only the target acceptance ``rates`` given (all when
+    ``None``).
     """
 
+    def rate(run: dict) -> float:
+        return float(run["neutra"].get("target_accept_prob") or 0.8)
+
     def keep(run: dict) -> bool:
-        return bool(run.get("neutra")) and (seeds is None or run["seed"] in seeds)
+        return (
+            bool(run.get("neutra"))
+            and (seeds is None or run["seed"] in seeds)
+            and (rates is None or rate(run) in rates)
+        )
 
     groups: dict[tuple, list[dict]] = {}
     for key, runs in _settings(paths, keep=keep).items():
         for r in runs:
-            tap = float(r["neutra"].get("target_accept_prob") or 0.8)
-            groups.setdefault((*key, tap), []).append(r)
+            groups.setdefault((*key, rate(r)), []).append(r)
     out = [
         "| model | sampler | objective | lr | target accept | seeds "
         "| ESS / 1k grads mean (min-max) | divergences by seed | max R-hat | neck sd / ref |",
@@ -293,11 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["--summary"]:  # study_objectives.py --summary runs.jsonl [...]
         print(summarize(argv[1:]))
         return {}
-    if argv[:1] == ["--neutra-summary"]:  # --neutra-summary [--seeds 0,1,2] runs.jsonl ...
-        rest, seeds = argv[1:], None
-        if rest[:1] == ["--seeds"]:
-            seeds, rest = {int(v) for v in rest[1].split(",")}, rest[2:]
-        print(neutra_summary(rest, seeds))
+    if argv[:1] == ["--neutra-summary"]:  # --neutra-summary [--seeds 0,1] [--rates 0.9] ...
+        rest, picks = argv[1:], {"--seeds": None, "--rates": None}
+        while rest[:1] and rest[0] in picks and len(rest) > 1:
+            picks[rest[0]], rest = rest[1].split(","), rest[2:]
+        seeds = None if picks["--seeds"] is None else {int(v) for v in picks["--seeds"]}
+        rates = None if picks["--rates"] is None else {float(v) for v in picks["--rates"]}
+        print(neutra_summary(rest, seeds, rates))
         return {}
     if argv[:1] == ["--best"]:  # --best [--seeds 0,1] [--objectives kl,kl>0] runs.jsonl ...
         rest, picks = argv[1:], {"--seeds": None, "--objectives": None}
