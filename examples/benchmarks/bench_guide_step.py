@@ -14,6 +14,8 @@ in Pyro's global parameter store):
 ``residual-no-res`` ``AutoResidualFlow(model, num_blocks=0)``: the ablation without the
                     residual blocks
 ``residual-t``      ``AutoResidualFlow(model, base="student_t")``: a learned Student t base
+``residual-a1b1``   ``AutoResidualFlow(model, num_autoregressive=1, num_blocks=1)``: the
+                    shallower guide recommended as a NeuTra warp
 =================== =====================================================================
 
 Timing interleaves the guides step by step in one process (``common.interleaved_timing``),
@@ -67,6 +69,7 @@ GUIDES: dict[str, Callable[[Callable], Any]] = {
     "residual": _named(AutoResidualFlow, "residual"),
     "residual-no-res": _named(AutoResidualFlow, "residual-no-res", num_blocks=0),
     "residual-t": _named(AutoResidualFlow, "residual-t", base="student_t"),
+    "residual-a1b1": _named(AutoResidualFlow, "residual-a1b1", num_autoregressive=1, num_blocks=1),
 }
 
 
