@@ -145,6 +145,14 @@ def test_gradcheck_forward_and_inverse():
     assert torch.autograd.gradcheck(inverse_and_ladj, (x, *params))
 
 
+def test_second_derivatives_of_the_log_det():
+    # a Hessian (a Laplace approximation) differentiates the log-det's gradient again:
+    # through the elimination's backward, which then forms the inverse with its graph
+    block = _strong_block(shape=(3, 2, 1), hidden=4)
+    x = torch.randn(2, 3, 2, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: block.call_and_ladj(x, cached=False)[1], (x,))
+
+
 def _functional(block, value, l1, l2, inverse):
     """``(out, ladj)`` of the block with its parameters replaced by ``l1, l2``."""
     original = block.layer1, block.layer2
