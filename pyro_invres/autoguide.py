@@ -82,13 +82,15 @@ class AutoResidualFlow(AutoContinuous):
     For NeuTra-HMC, train a shallower guide, ``AutoResidualFlow(model,
     num_autoregressive=1, num_blocks=1)``, and run ``NUTS(..., target_accept_prob=0.9)``:
     a warp wants to be smooth more than it wants every bit of density. Over six seeds it
-    gave 35-39x plain NUTS's effective samples per gradient on centred eight schools and
-    Neal's funnel (14.7 and 8.0 per 1,000 gradients; the default guide 4.8 and 5.2,
-    ``AutoIAFNormal`` 3.1 and 3.3) and diverged 24 and 11 times in all against plain
-    NUTS's 105 and 124 (fewer on five seeds of six and four of six); without its block
-    the funnel's chains diverged 0-29 times per run. As a variational posterior the
-    default is the better guide on the funnel (k-hat 0.66 against 0.73) and the shallow
-    one on schools (0.62 against 0.69; ``docs/posteriors.md``).
+    gave 35-38x plain NUTS's effective samples per gradient on centred eight schools and
+    Neal's funnel (means: 14.7 and 8.0 per 1,000 gradients; the default guide 4.8 and 5.2,
+    ``AutoIAFNormal`` 3.1 and 3.3) and diverged less than plain NUTS on five seeds of six
+    and four of six (24 and 11 times in all against 105 and 124, of which 113 on one
+    stuck funnel seed); without its block the funnel's chains diverged 0-29 times per
+    run. As a variational posterior the default is the better guide on the funnel and
+    non-centred schools (k-hat 0.66 against 0.73, 0.42 against 0.63), the shallow one on
+    centred schools and logistic regression (0.62 against 0.69, 0.42 against 0.51;
+    ``docs/posteriors.md``).
 
     Arguments:
         model: a Pyro model.

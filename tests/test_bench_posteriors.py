@@ -291,8 +291,11 @@ def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergence
     assert [line.split(" | ")[1] for line in kept] == ["NeuTra iaf", "NUTS (no warp)"]
     assert len(so.neutra_summary([str(path)], rates={0.8}).splitlines()[2:]) == 1
     # on the command line, in either order with --seeds
-    so.main(["--neutra-summary", "--rates", "0.95", "--seeds", "1", str(path)])
-    assert capsys.readouterr().out.count("NeuTra iaf") == 1
+    want = so.neutra_summary([str(path)], seeds={0}, rates={0.95}).splitlines()
+    assert len(want) == 3 and "NUTS (no warp)" in want[2]
+    for argv in (["--rates", "0.95", "--seeds", "0"], ["--seeds", "0", "--rates", "0.95"]):
+        so.main(["--neutra-summary", *argv, str(path)])
+        assert capsys.readouterr().out.splitlines() == want
     assert lines == [
         "| funnel | NeuTra iaf | kl | 0.01 | 0.8 | 1 | 2.00 (2.00-2.00) | 3 | nan | 0.50 |",
         "| funnel | NeuTra iaf | kl | 0.01 | 0.95 | 1 | 4.00 (4.00-4.00) | 7 | 1.100 | 0.60 |",

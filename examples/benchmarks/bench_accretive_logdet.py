@@ -1,7 +1,8 @@
 """Pivot-free elimination (``accretive_logdet``) against LAPACK's ``slogdet``, side by side.
 
 Three levels, each timed forward + backward in interleaved rounds (this thread's CPU time,
-so the other jobs of a shared machine do not count):
+so the other jobs of a shared machine do not count; the wall clock with ``--device cuda``,
+where ``PixelResidual`` itself keeps ``slogdet``):
 
 * the log-det alone, ``I + J`` with ``||J||_2 = 0.9``: the per-pixel Jacobians of
   ``glow_residual``'s blocks on MNIST (64 images; 14 x 14 pixels of 4 channels, 7 x 7 of 8),
@@ -50,6 +51,11 @@ MATRICES = {  # name: (batch shape, n)
 BLOCKS = {"C = 4 at 14 x 14": (4, 14, 14), "C = 8 at 7 x 7": (8, 7, 7)}
 
 
+def _clock(device: torch.device) -> str:
+    """This thread's CPU time on the CPU (other jobs do not count); the wall clock on a GPU."""
+    return "cpu" if device.type == "cpu" else "wall"
+
+
 def _slogdet_ladj(block: PixelResidual, slope: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
     """The block's log-det through LAPACK: ``slogdet`` of the same per-pixel Jacobians."""
     return torch.linalg.slogdet(block._jacobian(slope, w1, w2))[1].sum((-2, -1))
@@ -78,7 +84,7 @@ def bench_matrices(args: Any, device: torch.device) -> dict[str, Any]:
 
         t = interleaved_timing(
             {"slogdet": lapack, "accretive": ours}, device, reps=args.reps,
-            warmup=args.warmup, clock="cpu",
+            warmup=args.warmup, clock=_clock(device),
         )  # fmt: skip
         out[name] = {"timing": t, "ratio": paired_ratio(t, "accretive", "slogdet")}
     return out
@@ -104,7 +110,7 @@ def bench_blocks(args: Any, device: torch.device) -> dict[str, Any]:
 
         t = interleaved_timing(
             {"slogdet": lambda tm: step(tm, True), "accretive": lambda tm: step(tm, False)},
-            device, reps=args.reps, warmup=args.warmup, clock="cpu",
+            device, reps=args.reps, warmup=args.warmup, clock=_clock(device),
         )  # fmt: skip
         out[name] = {"timing": t, "ratio": paired_ratio(t, "accretive", "slogdet")}
     return out
@@ -147,7 +153,7 @@ def bench_training(args: Any, device: torch.device) -> dict[str, Any]:
         "glow_residual (accretive)": make("glow_residual"),
     }
     reps = max(3, args.reps // 4)
-    t = interleaved_timing(steps, device, reps=reps, warmup=2, clock="cpu")
+    t = interleaved_timing(steps, device, reps=reps, warmup=2, clock=_clock(device))
     return {
         "timing": t,
         "accretive / slogdet": paired_ratio(

@@ -15,16 +15,18 @@ with ``p_k`` the pivots (all positive, so ``det A > 0``). Without pivoting the e
 is the same few array operations for every matrix of the batch, so it runs as ``n`` steps
 over the whole batch at once, with the batch as the last (contiguous) dimension: for the
 thousands of ``4 x 4`` or ``8 x 8`` per-pixel Jacobians of an image block the log-det with
-its gradient takes 0.64-0.71 of the time of LAPACK's batched LU with the triangular solves
-of its backward, one ``PixelResidual`` block 0.75-0.83 and a ``glow_residual`` training
-step on MNIST 0.92; for a posterior guide's few ``10 x 10`` to ``31 x 31`` matrices it is
-2-3 times slower, and those keep ``slogdet`` (``examples/benchmarks/bench_accretive_logdet.py``,
-``results/accretive_logdet_cpu.json``). The inverse for the gradient comes from the same
-elimination (Gauss-Jordan on ``[A | I]``).
+its gradient takes 0.67-0.71 of the time of LAPACK's batched LU with the triangular solves
+of its backward on the CPU (0.64 at ``16 x 16``), one ``PixelResidual`` block 0.75-0.83
+and a ``glow_residual`` training step on MNIST 0.92; for a posterior guide's few
+``10 x 10`` to ``31 x 31`` matrices it is 2.0-3.3 times slower, and those keep ``slogdet``
+(``examples/benchmarks/bench_accretive_logdet.py``, ``results/accretive_logdet_cpu.json``;
+not measured on a GPU, where ``PixelResidual`` keeps ``slogdet``). The inverse for the
+gradient comes from the same elimination (Gauss-Jordan on ``[A | I]``).
 
 References:
-    [1] Golub & Van Loan, *Matrix Computations*, 4th ed., section 3.4.3 (Gaussian
-        elimination without pivoting for matrices with a positive definite symmetric part).
+    [1] Golub & Van Loan, *Unsymmetric positive definite linear systems*, Linear Algebra
+        and its Applications 28, 1979 (elimination without pivoting for matrices with a
+        positive definite symmetric part); *Matrix Computations*, 4th ed., section 4.2.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def _wide(a: Tensor) -> Tensor:
 
 
 def _gauss_jordan(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log det, A^{-1}, smallest pivot)`` of ``a`` shaped ``(n, n, N)``, no pivoting."""
+    """``(log det, A^{-1}, pivots)`` of ``a`` shaped ``(n, n, N)``, no pivoting (``pivots``:
+    ``(n, N)``; the log-det is only meaningful where they are all positive)."""
     n, batch = a.shape[0], a.shape[2]
     aug = a.new_zeros(n, 2 * n, batch)
     aug[:, :n] = a
@@ -59,21 +62,26 @@ def _gauss_jordan(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         factors[k] = 0
         for cols in live:
             aug[:, cols] -= factors.unsqueeze(1) * aug[k, cols].unsqueeze(0)
-    return pivots.log().sum(0), aug[:, n:], pivots.amin(0)
+    return pivots.log().sum(0), aug[:, n:], pivots
 
 
 class _AccretiveLogdet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor) -> Tensor:  # noqa: ANN001
-        logdet, inverse, smallest = _gauss_jordan(a.detach())
-        # NaN or a pivot <= 0: not an accretive matrix (non-finite input, or a broken bound)
-        if not bool((smallest > 0).all()):
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError("accretive_logdet: expected finite matrices, got nan or inf entries")
+        logdet, inverse, pivots = _gauss_jordan(a.detach())
+        if not bool((pivots > 0).all()):
+            # the first pivot that is not positive (later ones follow from it)
+            step = int((pivots > 0).all(1).logical_not().nonzero()[0])
+            value = float(pivots[step][~(pivots[step] > 0)][0])
             raise ValueError(
                 "accretive_logdet: expected matrices with a positive definite symmetric part "
-                "(I + J with ||J|| < 1), but an elimination pivot was "
-                f"{float(smallest.min()):.3g} (non-finite values, or a Lipschitz bound >= 1)"
+                f"(I + J with ||J|| < 1), but elimination pivot {step} was {value:.3g} "
+                "(a Lipschitz bound >= 1, or not a residual block's Jacobian)"
             )
-        ctx.save_for_backward(a, inverse)
+        # a copy: a view would keep the whole [A | I] buffer alive until the backward
+        ctx.save_for_backward(a, inverse.contiguous())
         return logdet
 
     @staticmethod
@@ -89,9 +97,10 @@ def accretive_logdet(a: Tensor) -> Tensor:
     """``log det A`` of matrices stacked along the *last* dimension, ``a`` shaped ``(n, n, N)``.
 
     Every ``A = a[:, :, i]`` must have a positive definite symmetric part (``I + J`` with
-    ``||J||_2 < 1``: an i-ResNet block's Jacobian); a pivot that is not positive raises a
-    ``ValueError``. Differentiable, twice too (the second derivative forms the inverse with
-    its graph). float16 and bfloat16 are eliminated in float32 and the value cast back.
+    ``||J||_2 < 1``: an i-ResNet block's Jacobian); non-finite entries, or a pivot that
+    is not positive, raise a ``ValueError``. Differentiable, twice too (the second
+    derivative forms the inverse with its graph). float16 and bfloat16 are eliminated in
+    float32 and the value cast back.
 
     Arguments:
         a: the matrices, ``(n, n, N)``: the batch last, where the elimination's array
@@ -112,6 +121,6 @@ def accretive_logdet(a: Tensor) -> Tensor:
     if a.dim() != 3 or a.shape[0] != a.shape[1]:
         raise ValueError(f"accretive_logdet: expected (n, n, N) matrices, got {tuple(a.shape)}")
     if a.shape[2] == 0 or a.shape[0] == 0:
-        return a.new_zeros(a.shape[2])
+        return a.sum((0, 1)) * 0  # zeros that keep a's graph: a backward still runs
     dtype = a.dtype
     return _AccretiveLogdet.apply(_wide(a)).to(dtype)
