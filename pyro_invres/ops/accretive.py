@@ -34,12 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .logdet import _wide
+
 __all__ = ["accretive_logdet"]
-
-
-def _wide(a: Tensor) -> Tensor:
-    # float16 / bfloat16 keep 2-3 digits of J in I + J: eliminate in float32
-    return a.float() if torch.finfo(a.dtype).bits < 32 else a
 
 
 def _gauss_jordan(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

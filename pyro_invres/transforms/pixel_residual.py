@@ -68,6 +68,12 @@ def _image_event(input_shape: int | Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _outer(w1: Tensor, w2: Tensor) -> Tensor:
+    """``K[h, i C + j] = W2[i, h] W1[h, j]`` (``Hd x C^2``): the Jacobian is ``I + slope K``."""
+    c = w1.shape[1]
+    return (w2.mT.unsqueeze(-1) * w1.unsqueeze(-2)).reshape(-1, c * c)
+
+
 class PixelResidual(InvertibleModule):
     """``y = x + W2 tanh(W1 x + b1) + b2`` at every pixel; ``Lip <= c``, exact log-det.
 
@@ -154,9 +160,13 @@ class PixelResidual(InvertibleModule):
         broadcast ``(..., C, Hd)`` product and a batched one, the same arithmetic.
         """
         c = w1.shape[1]
-        outer = (w2.mT.unsqueeze(-1) * w1.unsqueeze(-2)).reshape(-1, c * c)
         eye = torch.eye(c, dtype=w1.dtype, device=w1.device)
-        return eye + (slope @ outer).unflatten(-1, (c, c))
+        return eye + (slope @ _outer(w1, w2)).unflatten(-1, (c, c))
+
+    def _ladj_lapack(self, slope: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        """:meth:`_ladj` by LAPACK's ``slogdet`` of the ``(..., C, C)`` Jacobians (``det J >
+        0``, so ``log|det J|`` is ``log det J``)."""
+        return torch.linalg.slogdet(self._jacobian(slope, w1, w2))[1].sum((-2, -1))
 
     def _ladj(self, slope: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         """The image's log-det from the per-pixel slopes ``(..., H, W, Hd)``.
@@ -169,13 +179,12 @@ class PixelResidual(InvertibleModule):
         """
         if slope.device.type != "cpu" or _functorch_active():
             # measured faster on the CPU only; and torch.func has no rule for its custom
-            # backward: LAPACK's slogdet there (det J > 0, so log|det J| is log det J)
-            return torch.linalg.slogdet(self._jacobian(slope, w1, w2))[1].sum((-2, -1))
+            # backward
+            return self._ladj_lapack(slope, w1, w2)
         c = w1.shape[1]
-        outer = (w2.mT.unsqueeze(-1) * w1.unsqueeze(-2)).reshape(-1, c * c)
         rows = slope.reshape(-1, slope.shape[-1])
         eye = torch.eye(c, dtype=w1.dtype, device=w1.device).unsqueeze(-1)
-        jac = eye + (outer.t() @ rows.t()).reshape(c, c, -1)
+        jac = eye + (_outer(w1, w2).t() @ rows.t()).reshape(c, c, -1)
         return accretive_logdet(jac).reshape(slope.shape[:-1]).sum((-2, -1))
 
     @staticmethod
