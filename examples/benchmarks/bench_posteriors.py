@@ -211,6 +211,9 @@ VARIANT_GUIDES = frozenset(
         "residual-a1b0",
         "residual-b0",
         "residual-c05",
+        "residual-a1b1-ls8",
+        "residual-a1b1-lin",
+        "residual-a1b1-lin-ls8",
     }
 )
 
@@ -243,6 +246,18 @@ def guide_factories() -> dict[str, Callable[[Callable], Any]]:
         guides["residual-a1b0"] = lambda m: AutoResidualFlow(m, num_autoregressive=1, num_blocks=0)
         guides["residual-b0"] = lambda m: AutoResidualFlow(m, num_blocks=0)
         guides["residual-c05"] = lambda m: AutoResidualFlow(m, lipschitz=0.5)
+        # the shallow warp with room for the neck's scale: a wider log-scale bound, and/or
+        # a log-scale linear in the earlier coordinates (the funnel's exact form)
+        shallow = {"num_autoregressive": 1, "num_blocks": 1}
+        guides["residual-a1b1-ls8"] = lambda m: AutoResidualFlow(
+            m, **shallow, log_scale_bound=8.0
+        )
+        guides["residual-a1b1-lin"] = lambda m: AutoResidualFlow(
+            m, **shallow, autoregressive_hidden_dim=0
+        )
+        guides["residual-a1b1-lin-ls8"] = lambda m: AutoResidualFlow(
+            m, **shallow, autoregressive_hidden_dim=0, log_scale_bound=8.0
+        )
     return guides
 
 
