@@ -214,6 +214,7 @@ VARIANT_GUIDES = frozenset(
         "residual-a1b1-ls8",
         "residual-a1b1-lin",
         "residual-a1b1-lin-ls8",
+        "residual-a1b0-lin-ls8",
     }
 )
 
@@ -258,6 +259,10 @@ def guide_factories() -> dict[str, Callable[[Callable], Any]]:
         guides["residual-a1b1-lin-ls8"] = lambda m: AutoResidualFlow(
             m, **shallow, autoregressive_hidden_dim=0, log_scale_bound=8.0
         )
+        guides["residual-a1b0-lin-ls8"] = lambda m: AutoResidualFlow(
+            m, num_autoregressive=1, num_blocks=0, autoregressive_hidden_dim=0,
+            log_scale_bound=8.0,
+        )  # fmt: skip
     return guides
 
 
