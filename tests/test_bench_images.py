@@ -19,6 +19,8 @@ KEYS = {
     "parameters",
     "test_bpd",
     "test_bpd_stderr",
+    "test_bpd_median",
+    "test_bpd_worst",
     "best_validation_bpd",
     "best_at_steps",
     "steps",
@@ -51,6 +53,13 @@ def _check(saved: dict, models: list[str]) -> None:
         # the reported best is the minimum of the curve, and the test score is near it
         assert m["best_validation_bpd"] == min(p["val_bpd"] for p in curve)
         assert 0.0 < m["test_bpd"] < math.log2(17) + 1.0
+        # the worst images: test indices, highest first, none below the median
+        worst = m["test_bpd_worst"]
+        assert len(worst) == min(5, result["n_test"])
+        assert len({i for i, _ in worst}) == len(worst)
+        assert all(0 <= i < result["n_test"] for i, _ in worst)
+        bpds = [b for _, b in worst]
+        assert bpds == sorted(bpds, reverse=True) and bpds[-1] >= m["test_bpd_median"]
         assert m["peak_step_memory_bytes"] > 0 and m["sampling"]["samples_per_cpu_s"] > 0
 
 

@@ -554,6 +554,12 @@ def run_dataset(
             "size": size[run.name],
             "test_bpd": float(test.mean()),
             "test_bpd_stderr": float(test.std() / math.sqrt(len(test))),
+            # one badly scored image moves the mean by (its bpd - the rest's) / n_test: the
+            # median and the worst images say whether a difference is the model or one image
+            "test_bpd_median": float(test.median()),
+            "test_bpd_worst": [
+                [int(i), float(test[i])] for i in test.argsort(descending=True)[:5].tolist()
+            ],
             "best_validation_bpd": run.best[0],
             "best_at_steps": run.best[1],
             "best_at_cpu_s": run.best[2],
