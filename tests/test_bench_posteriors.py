@@ -296,6 +296,15 @@ def test_neutra_summary_reports_ess_per_1000_gradients_and_each_seeds_divergence
     for argv in (["--rates", "0.95", "--seeds", "0"], ["--seeds", "0", "--rates", "0.95"]):
         so.main(["--neutra-summary", *argv, str(path)])
         assert capsys.readouterr().out.splitlines() == want
+    # --models keeps only those models' rows (each model may then pick its own seeds)
+    other = dict(plain, model="eight_schools_centered", seed=5)
+    path.write_text("\n".join(json.dumps(r) for r in [*runs, plain, other]))
+    assert len(so.neutra_summary([str(path)]).splitlines()[2:]) == 4
+    so.main(["--neutra-summary", "--models", "eight_schools_centered", "--seeds", "5", str(path)])
+    (only,) = capsys.readouterr().out.splitlines()[2:]
+    assert only.startswith("| eight_schools_centered | NUTS (no warp) |") and "| 1 |" in only
+    funnel = so.neutra_summary([str(path)], models={"funnel"})
+    assert funnel == so.neutra_summary([str(path)], seeds={0, 1})  # schools ran seed 5 only
     assert lines == [
         "| funnel | NeuTra iaf | kl | 0.01 | 0.8 | 1 | 2.00 (2.00-2.00) | 3 | nan | 0.50 |",
         "| funnel | NeuTra iaf | kl | 0.01 | 0.95 | 1 | 4.00 (4.00-4.00) | 7 | 1.100 | 0.60 |",

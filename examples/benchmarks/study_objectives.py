@@ -15,8 +15,8 @@ Example:
     mean over seeds of each setting as a markdown table, and ``--best [--seeds 0,1]
     [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
     (reference-free), per model; ``--neutra-summary FILE [FILE ...]`` the NeuTra-HMC runs
-    (``--neutra``) by setting (``--neutra-summary --seeds 0,1,2 --rates 0.9 FILE ...``:
-    those seeds and NUTS target acceptance rates only). ``--plain-nuts`` runs NUTS on the
+    (``--neutra``) by setting (``--neutra-summary --seeds 0,1,2 --rates 0.9 --models funnel
+    FILE ...``: those seeds, NUTS target acceptance rates and models only). ``--plain-nuts`` runs NUTS on the
     model itself (no guide) with the same chains, the baseline row of that table;
     ``--target-accept`` sets NUTS's target acceptance rate for either.
 """
@@ -179,7 +179,10 @@ def best_settings(
 
 
 def neutra_summary(
-    paths: list[str], seeds: set[int] | None = None, rates: set[float] | None = None
+    paths: list[str],
+    seeds: set[int] | None = None,
+    rates: set[float] | None = None,
+    models: set[str] | None = None,
 ) -> str:
     """A markdown table of the NeuTra-HMC runs in ``paths`` (rows with ``--neutra``, and
     plain NUTS's rows from ``--plain-nuts``).
@@ -189,8 +192,9 @@ def neutra_summary(
     the divergences of each seed, the largest R-hat, and the mean ratio of the chains'
     neck sd to the reference's. Runs recorded before the rate was kept ran at Pyro's
     default 0.8. Only the ``seeds`` given count (all when ``None``), so that every sampler
-    is compared on the same seeds, and only the target acceptance ``rates`` given (all when
-    ``None``).
+    is compared on the same seeds, only the target acceptance ``rates`` given (all when
+    ``None``), and only the ``models`` given (all when ``None``; a model's rows can then
+    keep their own seeds).
     """
 
     def rate(run: dict) -> float:
@@ -201,6 +205,7 @@ def neutra_summary(
             bool(run.get("neutra"))
             and (seeds is None or run["seed"] in seeds)
             and (rates is None or rate(run) in rates)
+            and (models is None or run["model"] in models)
         )
 
     groups: dict[tuple, list[dict]] = {}
@@ -302,13 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["--summary"]:  # study_objectives.py --summary runs.jsonl [...]
         print(summarize(argv[1:]))
         return {}
-    if argv[:1] == ["--neutra-summary"]:  # --neutra-summary [--seeds 0,1] [--rates 0.9] ...
-        rest, picks = argv[1:], {"--seeds": None, "--rates": None}
+    if argv[:1] == ["--neutra-summary"]:  # [--seeds 0,1] [--rates 0.9] [--models m] FILE ...
+        rest, picks = argv[1:], {"--seeds": None, "--rates": None, "--models": None}
         while rest[:1] and rest[0] in picks and len(rest) > 1:
             picks[rest[0]], rest = rest[1].split(","), rest[2:]
         seeds = None if picks["--seeds"] is None else {int(v) for v in picks["--seeds"]}
         rates = None if picks["--rates"] is None else {float(v) for v in picks["--rates"]}
-        print(neutra_summary(rest, seeds, rates))
+        models = None if picks["--models"] is None else set(picks["--models"])
+        print(neutra_summary(rest, seeds, rates, models))
         return {}
     if argv[:1] == ["--best"]:  # --best [--seeds 0,1] [--objectives kl,kl>0] runs.jsonl ...
         rest, picks = argv[1:], {"--seeds": None, "--objectives": None}
