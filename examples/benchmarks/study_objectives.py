@@ -16,8 +16,9 @@ Example:
     [--objectives kl,kl>0] FILE [FILE ...]`` every guide at its best setting by k-hat
     (reference-free), per model; ``--neutra-summary FILE [FILE ...]`` the NeuTra-HMC runs
     (``--neutra``) by setting (``--neutra-summary --seeds 0,1,2 --rates 0.9 --models funnel
-    FILE ...``: those seeds, NUTS target acceptance rates and models only). ``--plain-nuts`` runs NUTS on the
-    model itself (no guide) with the same chains, the baseline row of that table;
+    FILE ...``: those seeds, NUTS target acceptance rates and models only).
+    ``--plain-nuts`` runs NUTS on the model itself (no guide) with the same chains, the
+    baseline row of that table;
     ``--target-accept`` sets NUTS's target acceptance rate for either.
 """
 
