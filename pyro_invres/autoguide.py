@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import pyro
@@ -60,6 +61,13 @@ __all__ = ["AutoResidualFlow"]
 
 #: The Student t base's starting degrees of freedom, and the most it takes (learned too).
 BASE_DF, MAX_DF = 10.0, 1000.0
+
+#: The options of the NeuTra-HMC warp (:meth:`AutoResidualFlow.for_neutra`): one affine
+#: autoregressive layer and one residual block (the variational default has two of each).
+NEUTRA_OPTIONS: Mapping[str, Any] = MappingProxyType({"num_autoregressive": 1, "num_blocks": 1})
+
+#: The NUTS target acceptance rate the NeuTra warp was measured at (Pyro's default: 0.8).
+NEUTRA_TARGET_ACCEPT = 0.95
 
 
 class AutoResidualFlow(AutoContinuous):
@@ -198,6 +206,49 @@ class AutoResidualFlow(AutoContinuous):
         # fail at construction, not at the first SVI step, on options the flow refuses
         posterior_flow(2, **self._flow_options)
         super().__init__(model, init_loc_fn=init_loc_fn)
+
+    @classmethod
+    def for_neutra(cls, model: Callable[..., Any], **options: Any) -> AutoResidualFlow:
+        """The guide to train as the warp of NeuTra-HMC (Hoffman et al., 2019).
+
+        ``AutoResidualFlow(model, **NEUTRA_OPTIONS)``, any option overridden by
+        ``options``. A warp wants to be smooth more than it wants every bit of density, so
+        it is shallower than the variational default: one affine autoregressive layer,
+        one residual block, the affine map. Run NUTS on it at
+        ``target_accept_prob=NEUTRA_TARGET_ACCEPT`` (0.95). Measured on seeds not used to
+        choose it, every sampler at 0.95 (``docs/posteriors.md``): on Neal's funnel 4.4
+        effective samples per 1,000 gradients against plain NUTS's 0.18, with 34
+        divergences over nine seeds against 67; on centred eight schools 10.5 against
+        0.44, with 7 over six seeds against 66. On the funnel,
+        ``for_neutra(model, autoregressive_hidden_dim=0, log_scale_bound=8.0)`` (log-scales
+        linear in the earlier coordinates, the funnel's own form, with room for its
+        ``e^9``) did better still (17.9, 14 divergences) but worse on schools.
+
+        Arguments:
+            model: a Pyro model.
+            **options: any of the constructor's options, replacing the warp's.
+
+        Example:
+            >>> import pyro, pyro.distributions as dist, torch
+            >>> from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+            >>> from pyro.infer.reparam import NeuTraReparam
+            >>> def model():
+            ...     v = pyro.sample("v", dist.Normal(0.0, 3.0))
+            ...     pyro.sample("x", dist.Normal(0.0, (v / 2).exp()).expand([2]).to_event(1))
+            >>> pyro.clear_param_store()
+            >>> guide = AutoResidualFlow.for_neutra(model)
+            >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+            >>> for _ in range(5):   # 2000 steps in earnest
+            ...     loss = svi.step()
+            >>> neutra = NeuTraReparam(guide.requires_grad_(False))
+            >>> warped = pyro.poutine.reparam(model, config=lambda msg: neutra)
+            >>> kernel = NUTS(warped, target_accept_prob=NEUTRA_TARGET_ACCEPT)
+            >>> mcmc = MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True)
+            >>> mcmc.run()
+            >>> [type(p).__name__ for p in guide.get_transform().parts]
+            ['AffineAutoregressive', 'DenseResidual', 'TriangularAffine']
+        """
+        return cls(model, **{**NEUTRA_OPTIONS, **options})
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)

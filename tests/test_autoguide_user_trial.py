@@ -26,7 +26,7 @@ from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size
 
-from pyro_invres.autoguide import AutoResidualFlow
+from pyro_invres.autoguide import NEUTRA_OPTIONS, NEUTRA_TARGET_ACCEPT, AutoResidualFlow
 
 # -- a conjugate Gaussian model: x ~ N(m0, S0) in 4-D, y ~ N(A x, s^2 I) in 6-D -------------
 _GEN = torch.Generator().manual_seed(0)
@@ -174,18 +174,47 @@ def test_neutra_nuts_samples_match_the_exact_posterior(gauss_guide):
 
 
 def test_the_recommended_neutra_warp_samples_the_exact_posterior():
-    # the docs' NeuTra recommendation: one autoregressive layer and one block, NUTS at 0.9
+    # the docs' NeuTra recommendation: for_neutra's warp, NUTS at NEUTRA_TARGET_ACCEPT
     pyro.clear_param_store()
-    guide = AutoResidualFlow(_gauss_model, num_autoregressive=1, num_blocks=1)
+    guide = AutoResidualFlow.for_neutra(_gauss_model)
     guide = _fit(_gauss_model, guide, Trace_ELBO(**_particles()), 500, 2e-2, 4e-4)
-    kinds = [type(p).__name__ for p in guide.get_transform().parts]
-    assert kinds == ["AffineAutoregressive", "DenseResidual", "TriangularAffine"]
+    ar, block, affine = guide.get_transform().parts
+    assert [type(p).__name__ for p in (ar, block, affine)] == [
+        "AffineAutoregressive", "DenseResidual", "TriangularAffine"
+    ]  # fmt: skip
+    assert NEUTRA_TARGET_ACCEPT == 0.95
     mean, cov, _ = _exact()
-    x = _neutra_draws(_gauss_model, guide, seed=4, target_accept_prob=0.9)
+    x = _neutra_draws(_gauss_model, guide, seed=4, target_accept_prob=NEUTRA_TARGET_ACCEPT)
     ess = effective_sample_size(x.unsqueeze(0)).clamp(min=20)
     sd = cov.diag().sqrt()
     assert ((x.mean(0) - mean).abs() / sd * ess.sqrt()).max() < 5, (x.mean(0), mean, ess)
     assert ((x.std(0) / sd - 1).abs() * (2 * ess).sqrt()).max() < 5, (x.std(0), sd, ess)
+
+
+def test_for_neutra_is_the_constructor_with_the_warps_options_which_any_option_overrides():
+    pyro.clear_param_store()
+    guide = AutoResidualFlow.for_neutra(_gauss_model)
+    assert guide._flow_options == {**guide._flow_options, **NEUTRA_OPTIONS}
+    guide()
+    assert len(guide.get_transform().parts) == 3  # one layer, one block, the affine map
+    pyro.clear_param_store()
+    linear = AutoResidualFlow.for_neutra(
+        _gauss_model, autoregressive_hidden_dim=0, log_scale_bound=8.0, num_blocks=2
+    )
+    assert linear._flow_options["log_scale_bound"] == 8.0
+    assert linear._flow_options["num_blocks"] == 2
+    assert linear._flow_options["num_autoregressive"] == 1
+    linear()
+    ar = linear.get_transform().parts[0]
+    assert ar.log_scale_bound == 8.0
+    made = next(m for m in ar.modules() if type(m).__name__ == "MADE")
+    assert made.width == 0 and made.hidden is None  # log-scales linear in earlier coordinates
+    plain = guide.get_transform().parts[0]  # for_neutra's own conditioner: a MADE's 3D + 1
+    assert next(m for m in plain.modules() if type(m).__name__ == "MADE").width == 3 * 4 + 1
+    with pytest.raises(TypeError, match="bogus"):
+        AutoResidualFlow.for_neutra(_gauss_model, bogus=1)
+    with pytest.raises(TypeError):  # the options are read-only
+        NEUTRA_OPTIONS["num_blocks"] = 3  # type: ignore[index]
 
 
 def test_train_and_eval_mode_give_the_same_draws_and_densities(gauss_guide):
