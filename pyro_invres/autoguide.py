@@ -87,18 +87,18 @@ class AutoResidualFlow(AutoContinuous):
     ``quantiles`` (not Gaussian): estimate them from draws (``Predictive``). Latent sites
     in a subsampled plate are refused.
 
-    For NeuTra-HMC, train a shallower guide, ``AutoResidualFlow(model,
-    num_autoregressive=1, num_blocks=1)``, and run ``NUTS(..., target_accept_prob=0.9)``:
-    a warp wants to be smooth more than it wants every bit of density. Over six seeds it
-    gave 35-38x plain NUTS's effective samples per gradient on centred eight schools and
-    Neal's funnel (means: 14.7 and 8.0 per 1,000 gradients; the default guide 4.8 and 5.2,
-    ``AutoIAFNormal`` 3.1 and 3.3). It diverged less than plain NUTS on schools (five
-    seeds of six; 24 times in all against 105) but not on the funnel (over nine seeds 27
-    against 127, 113 of them on one stuck seed; 24 against 14 without it); without its
-    block the funnel's chains diverged 0-29 times per run. As a variational posterior
-    the default is the better guide on the funnel and non-centred schools (k-hat 0.66
-    against 0.73, 0.42 against 0.63), the shallow one on centred schools and logistic
-    regression (0.62 against 0.69, 0.42 against 0.51; ``docs/posteriors.md``).
+    For NeuTra-HMC, train the shallower warp :meth:`for_neutra` builds (one
+    autoregressive layer, one block) and run ``NUTS(...,
+    target_accept_prob=NEUTRA_TARGET_ACCEPT)`` (0.95): a warp wants to be smooth more
+    than it wants every bit of density. On seeds not used to choose it, every sampler at
+    0.95, it gave 25x plain NUTS's effective samples per gradient on Neal's funnel and
+    24x on centred eight schools (4.4 and 10.5 per 1,000 gradients; ``AutoIAFNormal``
+    0.4 and 3.1) and diverged less than plain NUTS on both (34 times over nine funnel
+    seeds against 67, fewer on five, more on two whose fits had gone wrong; 7 over six
+    schools seeds against 66, fewer on each). As a variational posterior the default is
+    the better guide on the funnel and non-centred schools (k-hat 0.66 against 0.73, 0.42
+    against 0.63), the shallow one on centred schools and logistic regression (0.62
+    against 0.69, 0.42 against 0.51; ``docs/posteriors.md``).
 
     Arguments:
         model: a Pyro model.
