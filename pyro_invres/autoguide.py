@@ -90,15 +90,15 @@ class AutoResidualFlow(AutoContinuous):
     For NeuTra-HMC, train the shallower warp :meth:`for_neutra` builds (one
     autoregressive layer, one block) and run ``NUTS(...,
     target_accept_prob=NEUTRA_TARGET_ACCEPT)`` (0.95): a warp wants to be smooth more
-    than it wants every bit of density. On seeds not used to choose it, every sampler at
-    0.95, it gave 25x plain NUTS's effective samples per gradient on Neal's funnel and
-    24x on centred eight schools (4.4 and 10.5 per 1,000 gradients; ``AutoIAFNormal``
-    0.4 and 3.1) and diverged less than plain NUTS on both (34 times over nine funnel
-    seeds against 67, fewer on five, more on two whose fits had gone wrong; 7 over six
-    schools seeds against 66, fewer on each). As a variational posterior the default is
-    the better guide on the funnel and non-centred schools (k-hat 0.66 against 0.73, 0.42
-    against 0.63), the shallow one on centred schools and logistic regression (0.62
-    against 0.69, 0.42 against 0.51; ``docs/posteriors.md``).
+    than it wants every bit of density. Every sampler at 0.95, it gave 24x plain NUTS's
+    effective samples per gradient on Neal's funnel (nine seeds used for no earlier
+    choice) and on centred eight schools (4.4 and 10.5 per 1,000 gradients;
+    ``AutoIAFNormal`` 0.4 and 3.1), and diverged less than plain NUTS on schools (7 times
+    over six seeds against 66, fewer on each); on the funnel 34 times against 67, fewer on
+    five seeds and more on two: fewer in all, not beyond chance. As a variational
+    posterior the default is the better guide on the funnel and non-centred schools
+    (k-hat 0.66 against 0.73, 0.42 against 0.63), the shallow one on centred schools and
+    logistic regression (0.62 against 0.69, 0.42 against 0.51; ``docs/posteriors.md``).
 
     Arguments:
         model: a Pyro model.
@@ -215,14 +215,14 @@ class AutoResidualFlow(AutoContinuous):
         ``options``. A warp wants to be smooth more than it wants every bit of density, so
         it is shallower than the variational default: one affine autoregressive layer,
         one residual block, the affine map. Run NUTS on it at
-        ``target_accept_prob=NEUTRA_TARGET_ACCEPT`` (0.95). Measured on seeds not used to
-        choose it, every sampler at 0.95 (``docs/posteriors.md``): on Neal's funnel 4.4
-        effective samples per 1,000 gradients against plain NUTS's 0.18, with 34
-        divergences over nine seeds against 67; on centred eight schools 10.5 against
-        0.44, with 7 over six seeds against 66. On the funnel,
+        ``target_accept_prob=NEUTRA_TARGET_ACCEPT`` (0.95). Measured with every sampler at
+        0.95 (``docs/posteriors.md``): on Neal's funnel, nine seeds used for no earlier
+        choice, 4.4 effective samples per 1,000 gradients against plain NUTS's 0.18, with
+        34 divergences against 67 (fewer on five seeds, more on two); on centred eight
+        schools 10.5 against 0.44, with 7 over six seeds against 66. On the funnel,
         ``for_neutra(model, autoregressive_hidden_dim=0, log_scale_bound=8.0)`` (log-scales
         linear in the earlier coordinates, the funnel's own form, with room for its
-        ``e^9``) did better still (17.9, 14 divergences) but worse on schools.
+        ``e^9``) did better still (17.9, 14 divergences) but worse on schools (57).
 
         Arguments:
             model: a Pyro model.
