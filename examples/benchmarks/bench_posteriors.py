@@ -250,9 +250,7 @@ def guide_factories() -> dict[str, Callable[[Callable], Any]]:
         # the shallow warp with room for the neck's scale: a wider log-scale bound, and/or
         # a log-scale linear in the earlier coordinates (the funnel's exact form)
         shallow = {"num_autoregressive": 1, "num_blocks": 1}
-        guides["residual-a1b1-ls8"] = lambda m: AutoResidualFlow(
-            m, **shallow, log_scale_bound=8.0
-        )
+        guides["residual-a1b1-ls8"] = lambda m: AutoResidualFlow(m, **shallow, log_scale_bound=8.0)
         guides["residual-a1b1-lin"] = lambda m: AutoResidualFlow(
             m, **shallow, autoregressive_hidden_dim=0
         )
