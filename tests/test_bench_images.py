@@ -173,3 +173,17 @@ def test_compare_pairs_each_model_with_glow_seed_by_seed():
     ]
     models["glow_residual"]["validation_curve"] = [{"steps": 200, "val_bpd": 1.9}]
     assert "| +0.100 to +0.100 |" in bi.compare([curves])
+
+
+def test_diagnose_image_outlier_walks_every_part_for_the_worst_images(capsys):
+    import diagnose_image_outlier as dio
+
+    out = dio.main(["--dataset", "digits", "--model", "glow", "--budget", "1", "--slice", "1"])
+    test, images = out["test"], out["images"]
+    # the three worst test images first, then the median one
+    assert images[:3] == test.argsort(descending=True)[:3].tolist()
+    assert float(test[images[3]]) <= float(test[images[2]])
+    lines = capsys.readouterr().out.splitlines()
+    parts = [line for line in lines if line.startswith("part ")]
+    assert parts and parts[-1].startswith("part  0 ")
+    assert all(len(line.split("[")[1].split(",")) == 4 for line in parts)
