@@ -314,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
             picks[rest[0]], rest = rest[1].split(","), rest[2:]
         seeds = None if picks["--seeds"] is None else {int(v) for v in picks["--seeds"]}
         rates = None if picks["--rates"] is None else {float(v) for v in picks["--rates"]}
-        models = None if picks["--models"] is None else set(picks["--models"])
-        print(neutra_summary(rest, seeds, rates, models))
+        # not `models`: that name is the model module everywhere else in main()
+        kept = None if picks["--models"] is None else set(picks["--models"])
+        print(neutra_summary(rest, seeds, rates, kept))
         return {}
     if argv[:1] == ["--best"]:  # --best [--seeds 0,1] [--objectives kl,kl>0] runs.jsonl ...
         rest, picks = argv[1:], {"--seeds": None, "--objectives": None}
