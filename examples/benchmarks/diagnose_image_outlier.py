@@ -56,19 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     z, _ = bi.to_logit(data.test[idx].to(dev))
     with torch.no_grad():
         log_p = model.log_prob_z(z)
-        u = model.flow.inv(z)
-        base = model.base.log_prob(u)
-        print("base log-density:", [round(float(v), 1) for v in base])
-        print("flow log-det:", [round(float(v), 1) for v in log_p - base])
-        x = z
+        x = z  # data to latent, one part at a time: the last part's inverse first
         for k, part in reversed(list(enumerate(model.flow.parts))):
             x = part.inv(x)
             biggest = x.flatten(1).abs().max(1).values
-            label = type(getattr(part, "_inv", part)).__name__
-            inner = getattr(part, "transform", None) or getattr(part, "_inv", None)
-            if inner is not None:
-                label = type(inner).__name__
+            # an inverted part names the transform it wraps (ours .transform, Pyro's ._inv)
+            inner = getattr(part, "transform", None) or getattr(part, "_inv", part)
+            label = type(inner).__name__
             print(f"part {k:2d} {label:24s} max |value|", [round(float(v), 1) for v in biggest])
+        base = model.base.log_prob(x)  # x is the latent now
+        print("base log-density:", [round(float(v), 1) for v in base])
+        print("flow log-det:", [round(float(v), 1) for v in log_p - base])
     return {"test": test, "images": idx}
 
 
