@@ -15,6 +15,8 @@ sys.path.insert(0, str(BENCH))
 
 import bench_images as bi  # noqa: E402
 
+from pyro_invres.transforms.pixel_residual import PixelResidual  # noqa: E402
+
 KEYS = {
     "parameters",
     "test_bpd",
@@ -128,6 +130,22 @@ def test_residual_channels_option_sizes_the_hybrids_blocks(tmp_path):
     model = json.loads(out.read_text())["datasets"]["digits"]["models"]["glow_residual"]
     assert model["size"]["residual"] == 5
     assert bi.sizes("digits", False)["glow_residual"]["residual"] == 16  # the default kept
+
+
+def test_coupling_bound_and_residual_every_options_build_the_hybrid_with_them(tmp_path):
+    out = tmp_path / "images.json"
+    argv = ["--quick", "--datasets", "digits", "--models", "glow", "glow_residual"]
+    bi.main(argv + ["--coupling-bound", "1.5", "--residual-every", "1", "--out", str(out)])
+    models = json.loads(out.read_text())["datasets"]["digits"]["models"]
+    assert models["glow_residual"]["size"]["log_scale_bound"] == 1.5
+    assert models["glow_residual"]["size"]["residual_every"] == 1
+    assert "log_scale_bound" not in models["glow"]["size"]  # Glow keeps its preset's bound
+    data = bi.make_dataset("digits", quick=True)
+    size = {"steps": 2, "hidden": 8, "residual": 4, "log_scale_bound": 1.5, "residual_every": 2}
+    model = bi.Model("glow_residual", data, size, torch.device("cpu"))
+    bounds = {m.log_scale_bound for m in model.flow.modules() if hasattr(m, "log_scale_bound")}
+    assert bounds == {1.5}
+    assert sum(isinstance(m, PixelResidual) for m in model.flow.modules()) == 2
 
 
 def test_padded_mnist_reports_bits_per_original_pixel():

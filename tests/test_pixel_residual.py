@@ -284,6 +284,39 @@ def test_preset_is_glow_plus_one_block_per_step():
     assert len(hybrid) == len(plain) + 6
 
 
+def test_residual_every_places_blocks_after_every_kth_step_of_each_scale():
+    args = ((1, 8, 8), 2, 4, 8)
+    plain = glow(*args)
+    for every, expected in ((1, 8), (2, 4), (4, 2)):
+        hybrid = glow_residual(*args, residual_every=every)
+        blocks = [m for m in hybrid.modules() if isinstance(m, PixelResidual)]
+        assert len(blocks) == expected and len(hybrid) == len(plain) + expected
+        # data-to-latent order: each block follows the coupling of a step whose position
+        # in its scale is a multiple of ``every``
+        kinds = []
+        for t in reversed(list(hybrid)):
+            while hasattr(t, "transform"):  # Inverse, ChannelSubset
+                t = t.transform
+            if isinstance(t, PixelResidual) or "Coupling" in type(t).__name__:
+                kinds.append("R" if isinstance(t, PixelResidual) else "C")
+        pattern = "".join("CR" if (i % 4 + 1) % every == 0 else "C" for i in range(8))
+        assert "".join(kinds) == pattern
+    # the log-det stays exact with fewer blocks
+    torch.manual_seed(0)
+    flow = glow_residual((1, 4, 4), 2, 2, 4, residual_channels=5, residual_every=2).double()
+    shape = base_shape(flow, (1, 4, 4))
+    d = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(shape, dtype=torch.float64), 1.0).to_event(3), flow
+    )
+    y = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    u = flow.inv(y[:1])
+    ladj = _image_jacobian_logdet(lambda v: flow.inv(v).reshape(1, -1), y[0])
+    torch.testing.assert_close(d.log_prob(y[:1])[0], d.base_dist.log_prob(u[0]) + ladj)
+    for bad in (0, 3, 1.5):
+        with pytest.raises(ValueError, match="residual_every must be an integer in"):
+            glow_residual((1, 8, 8), 2, 2, 8, residual_every=bad)
+
+
 @pytest.mark.parametrize("bias", [1e3, 1e4])
 def test_float32_inverse_with_a_large_output_bias(bias: float) -> None:
     # b2 is not capped: inverting values of size 1 puts v ~ y - b2, whose float32 spacing is

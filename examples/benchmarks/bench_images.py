@@ -249,6 +249,7 @@ class Model:
                 size["steps"],
                 size["hidden"],
                 residual_channels=size["residual"],
+                **{k: size[k] for k in ("log_scale_bound", "residual_every") if k in size},
             )
         elif name == "irevnet":
             flow = irevnet(data.shape, NUM_SCALES, size["steps"], size["hidden"])
@@ -536,6 +537,10 @@ def run_dataset(
     size = sizes(name, args.quick)
     if args.residual_channels is not None:
         size["glow_residual"]["residual"] = args.residual_channels
+    if args.coupling_bound is not None:
+        size["glow_residual"]["log_scale_bound"] = args.coupling_bound
+    if args.residual_every is not None:
+        size["glow_residual"]["residual_every"] = args.residual_every
     runs = [Run(m, data, size[m], opts, device) for m in args.models]
     log(
         f"{name}: {len(runs)} models, {budget:.0f} CPU s each in slices of {opts.slice:.0f} s; "
@@ -884,6 +889,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         type=int,
         default=None,
         help="hidden units of glow_residual's pixelwise blocks (default 16, 8 with --quick)",
+    )
+    parser.add_argument(
+        "--coupling-bound",
+        type=float,
+        default=None,
+        help="bound on the log-scales of glow_residual's couplings (default: the preset's, 2.0; "
+        "the glow preset keeps its own)",
+    )
+    parser.add_argument(
+        "--residual-every",
+        type=int,
+        default=None,
+        help="glow_residual: a pixelwise block after every k-th step of each scale only "
+        "(default: the preset's, 1)",
     )
     parser.add_argument("--figures", default=None, help="write the PNGs into this folder")
     parser.add_argument("--render", default=None, help="print the tables of a results JSON")
