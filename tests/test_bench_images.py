@@ -140,6 +140,14 @@ def test_coupling_bound_and_residual_every_options_build_the_hybrid_with_them(tm
     assert models["glow_residual"]["size"]["log_scale_bound"] == 1.5
     assert models["glow_residual"]["size"]["residual_every"] == 1
     assert "log_scale_bound" not in models["glow"]["size"]  # Glow keeps its preset's bound
+    bi.main(argv + ["--glow-coupling-bound", "1.25", "--models", "glow", "--out", str(out)])
+    models = json.loads(out.read_text())["datasets"]["digits"]["models"]
+    assert models["glow"]["size"]["log_scale_bound"] == 1.25
+    data = bi.make_dataset("digits", quick=True)
+    glow_model = bi.Model("glow", data, {"steps": 1, "hidden": 8, "log_scale_bound": 1.25}, "cpu")
+    assert {
+        m.log_scale_bound for m in glow_model.flow.modules() if hasattr(m, "log_scale_bound")
+    } == {1.25}
     data = bi.make_dataset("digits", quick=True)
     size = {"steps": 2, "hidden": 8, "residual": 4, "log_scale_bound": 1.5, "residual_every": 2}
     model = bi.Model("glow_residual", data, size, torch.device("cpu"))

@@ -241,7 +241,13 @@ class Model:
                 split_prior=True,
             )
         elif name == "glow":
-            flow = glow(data.shape, NUM_SCALES, size["steps"], size["hidden"])
+            flow = glow(
+                data.shape,
+                NUM_SCALES,
+                size["steps"],
+                size["hidden"],
+                **{k: size[k] for k in ("log_scale_bound",) if k in size},
+            )
         elif name == "glow_residual":
             flow = glow_residual(
                 data.shape,
@@ -539,6 +545,8 @@ def run_dataset(
         size["glow_residual"]["residual"] = args.residual_channels
     if args.coupling_bound is not None:
         size["glow_residual"]["log_scale_bound"] = args.coupling_bound
+    if args.glow_coupling_bound is not None:
+        size["glow"]["log_scale_bound"] = args.glow_coupling_bound
     if args.residual_every is not None:
         size["glow_residual"]["residual_every"] = args.residual_every
     runs = [Run(m, data, size[m], opts, device) for m in args.models]
@@ -896,6 +904,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         default=None,
         help="bound on the log-scales of glow_residual's couplings (default: the preset's, 2.0; "
         "the glow preset keeps its own)",
+    )
+    parser.add_argument(
+        "--glow-coupling-bound",
+        type=float,
+        default=None,
+        help="bound on the log-scales of the glow preset's couplings (default: the preset's, "
+        "2.0); a control for --coupling-bound",
     )
     parser.add_argument(
         "--residual-every",
