@@ -180,16 +180,17 @@ def glow_residual(
     lipschitz: float = 0.9,
     log_scale_bound: float = 2.0,
     factor_out: bool = True,
-    residual_every: int = 1,
+    residual_every: int | None = None,
 ) -> ComposeTransformModule:
-    """Glow with a pixelwise residual block after every step (exact, cheap log-dets).
+    """Glow with a pixelwise residual block after every second step (exact, cheap log-dets).
 
     .. math::
 
         \\text{step} = R \\circ \\text{BoundedAffineCoupling} \\circ \\text{Conv}_{1\\times1}
         \\circ \\text{ActNorm}, \\qquad R(x)_{:, i, j} = x_{:, i, j} + g(x_{:, i, j})
 
-    The image analogue of the hybrid posterior flow: the steps of :func:`glow` each followed
+    The image analogue of the hybrid posterior flow: the steps of :func:`glow`, every
+    ``residual_every``-th one followed
     by a :class:`~pyro_invres.transforms.pixel_residual.PixelResidual` block (a nonlinear
     1x1 convolution, ``Lip(g) <= lipschitz`` by exact spectral caps), whose log-det is exact
     (one ``C x C`` determinant per pixel). Built data-to-latent like :func:`glow`: scoring
@@ -209,8 +210,12 @@ def glow_residual(
         log_scale_bound: bound on the couplings' log-scales.
         factor_out: factor out half of the channels after each scale but the last.
         residual_every: a residual block after every ``residual_every``-th step of each
-            scale only (1: after every step; ``steps_per_scale``: after the last step of
-            each scale): fewer blocks, a cheaper step.
+            scale (1: after every step; ``steps_per_scale``: after the last step of each
+            scale only). ``None`` (default): 2, or 1 when ``steps_per_scale`` is 1. Every
+            second step: at equal CPU time it beat or matched every step against Glow on
+            8x8 digits and MNIST-5000, with a step 1.2x Glow's instead of 1.35-1.4x
+            (docs/images.md). A checkpoint saved with the earlier default, a block after
+            every step, loads into ``glow_residual(..., residual_every=1)``.
 
     Example:
         >>> import torch, pyro.distributions as dist
@@ -221,6 +226,8 @@ def glow_residual(
         torch.Size([5])
     """
 
+    if residual_every is None:
+        residual_every = min(2, steps_per_scale)
     if not (isinstance(residual_every, int) and 1 <= residual_every <= steps_per_scale):
         raise ValueError(
             f"residual_every must be an integer in [1, steps_per_scale={steps_per_scale}], "

@@ -276,12 +276,23 @@ def test_preset_scores_without_solving(monkeypatch):
 
 def test_preset_is_glow_plus_one_block_per_step():
     args = ((1, 8, 8), 2, 3, 8)
-    hybrid, plain = glow_residual(*args), glow(*args)
+    hybrid, plain = glow_residual(*args, residual_every=1), glow(*args)
     blocks = [m for m in hybrid.modules() if isinstance(m, PixelResidual)]
     assert len(blocks) == 2 * 3
     # latent-to-data order: the second scale's 16 channels less the factored-out 8 first
     assert [b.channels for b in blocks] == [8, 8, 8, 4, 4, 4]
     assert len(hybrid) == len(plain) + 6
+
+
+def test_preset_default_is_a_block_after_every_second_step():
+    for steps, expected in ((4, 4), (3, 2), (2, 2), (1, 2)):  # one step per scale: every step
+        hybrid = glow_residual((1, 8, 8), 2, steps, 8)
+        assert sum(isinstance(m, PixelResidual) for m in hybrid.modules()) == expected
+    # a checkpoint of the earlier default loads into residual_every=1, and only there
+    old = glow_residual((1, 8, 8), 2, 2, 8, residual_every=1)
+    glow_residual((1, 8, 8), 2, 2, 8, residual_every=1).load_state_dict(old.state_dict())
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key"):
+        glow_residual((1, 8, 8), 2, 2, 8).load_state_dict(old.state_dict())
 
 
 def test_residual_every_places_blocks_after_every_kth_step_of_each_scale():

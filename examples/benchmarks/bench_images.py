@@ -917,7 +917,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         type=int,
         default=None,
         help="glow_residual: a pixelwise block after every k-th step of each scale only "
-        "(default: the preset's, 1)",
+        "(default: the preset's, 2)",
     )
     parser.add_argument("--figures", default=None, help="write the PNGs into this folder")
     parser.add_argument("--render", default=None, help="print the tables of a results JSON")
