@@ -190,9 +190,9 @@ def glow_residual(
         \\circ \\text{ActNorm}, \\qquad R(x)_{:, i, j} = x_{:, i, j} + g(x_{:, i, j})
 
     The image analogue of the hybrid posterior flow: the steps of :func:`glow`, every
-    ``residual_every``-th one followed
-    by a :class:`~pyro_invres.transforms.pixel_residual.PixelResidual` block (a nonlinear
-    1x1 convolution, ``Lip(g) <= lipschitz`` by exact spectral caps), whose log-det is exact
+    ``residual_every``-th one followed by a
+    :class:`~pyro_invres.transforms.pixel_residual.PixelResidual` block (a nonlinear 1x1
+    convolution, ``Lip(g) <= lipschitz`` by exact spectral caps), whose log-det is exact
     (one ``C x C`` determinant per pixel). Built data-to-latent like :func:`glow`: scoring
     (and training) runs every residual block explicitly, one pass each; sampling solves
     them per pixel (Broyden's method).

@@ -209,6 +209,15 @@ NUM_SCALES = 2  # 8 -> 4 -> 2 and 28 -> 14 -> 7
 
 
 # -- models ---------------------------------------------------------------------------------------
+#: Options of the glow presets that a size may set (from the command line); absent: the
+#: preset's own default.
+PRESET_OPTIONS = ("log_scale_bound", "residual_every")
+
+
+def _preset_options(size: dict[str, Any]) -> dict[str, Any]:
+    return {k: size[k] for k in PRESET_OPTIONS if k in size}
+
+
 class Model:
     """One density of logit-space images ``(N, C, H, W)``: score, sample, encode, decode."""
 
@@ -246,7 +255,7 @@ class Model:
                 NUM_SCALES,
                 size["steps"],
                 size["hidden"],
-                **{k: size[k] for k in ("log_scale_bound",) if k in size},
+                **_preset_options(size),
             )
         elif name == "glow_residual":
             flow = glow_residual(
@@ -255,7 +264,7 @@ class Model:
                 size["steps"],
                 size["hidden"],
                 residual_channels=size["residual"],
-                **{k: size[k] for k in ("log_scale_bound", "residual_every") if k in size},
+                **_preset_options(size),
             )
         elif name == "irevnet":
             flow = irevnet(data.shape, NUM_SCALES, size["steps"], size["hidden"])
